@@ -1,0 +1,65 @@
+"""Shared fixtures: the challenge assets (../shared/tinyphysics, or $TINYPHYSICS_ASSETS) and synthetic segments."""
+
+import os
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+import tinyphysics_env as te
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _assets_dir() -> Path | None:
+    candidate = Path(os.environ.get("TINYPHYSICS_ASSETS", ROOT.parent / "shared" / "tinyphysics"))
+    return candidate if (candidate / "models" / "tinyphysics.onnx").is_file() else None
+
+
+@pytest.fixture(scope="session")
+def assets() -> Path:
+    found = _assets_dir()
+    if found is None:
+        message = "challenge assets not found: set TINYPHYSICS_ASSETS to a folder with models/, data/, reference/"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return found
+
+
+@pytest.fixture(scope="session")
+def model_path(assets) -> Path:
+    return assets / "models" / "tinyphysics.onnx"
+
+
+@pytest.fixture(scope="session")
+def real_data(assets) -> Path:
+    return assets / "data"
+
+
+@pytest.fixture(scope="session")
+def model(model_path) -> te.TinyPhysicsModel:
+    return te.TinyPhysicsModel(model_path, threads=2)
+
+
+@pytest.fixture(scope="session")
+def real_segments(real_data) -> te.Segments:
+    return te.load_segments(real_data)
+
+
+@pytest.fixture(scope="session")
+def official_costs(assets) -> pd.DataFrame:
+    return pd.read_csv(assets / "reference" / "official_costs.csv", dtype={"segment": str})
+
+
+@pytest.fixture(scope="session")
+def synthetic_data(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("synthetic")
+    te.synthesize_segments(64, seed=0, out_dir=out)
+    return out
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_cache(tmp_path_factory):
+    """Tests never touch the user's cache."""
+    os.environ["TINYPHYSICS_CACHE"] = str(tmp_path_factory.mktemp("cache"))

@@ -1,0 +1,890 @@
+"""The comma.ai Controls Challenge v2 simulator ("tinyphysics"), batched, and its Gymnasium environments.
+
+This module is the project's one home of simulator facts: constants, tokenizer, asset and
+segment loading, the batched simulator that reproduces the official `tinyphysics.py` scores
+to the last digit, official-interface controllers, costs, and the Gymnasium environments.
+The behaviour follows SPEC.md of the project's assets; the order of floating-point operations
+is the official program's wherever it decides a sampled token or a cost.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+import urllib.error
+import urllib.request
+import zipfile
+from collections import namedtuple
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+from tqdm.auto import tqdm
+
+# --- Simulator constants (SPEC.md "Constants") ------------------------------------------------
+DT = 0.1
+CONTEXT_LENGTH = 20
+CONTROL_START_IDX = 100
+COST_END_IDX = 500
+COST_STEPS = COST_END_IDX - CONTROL_START_IDX
+VOCAB_SIZE = 1024
+LATACCEL_RANGE = (-5.0, 5.0)
+STEER_RANGE = (-2.0, 2.0)
+MAX_ACC_DELTA = 0.5
+TEMPERATURE = 0.8
+LAT_ACCEL_COST_MULTIPLIER = 50.0
+ACC_G = 9.81
+FUTURE_PLAN_STEPS = 50  # the plan holds rows t+1 .. t+49
+FUTURE_LEN = FUTURE_PLAN_STEPS - 1
+# The rollout stops after step 499, so no row past 548 is ever read.
+ROWS_USED = COST_END_IDX + FUTURE_LEN
+NUM_EVAL_SEGMENTS = 5000  # the official evaluation scores the first 5,000 segments in sorted order
+
+# --- Assets -----------------------------------------------------------------------------------
+MODEL_URL = "https://raw.githubusercontent.com/commaai/controls_challenge/master/models/tinyphysics.onnx"
+MODEL_SHA256 = "5beca7f07a3e9b183b4aa0402c780ddbc985416fe50ca788017b09705b4d0705"
+DATASET_URL = "https://huggingface.co/datasets/commaai/commaSteeringControl/resolve/main/data/SYNTHETIC_V0.zip"
+CSV_COLUMNS = ("t", "vEgo", "aEgo", "roll", "targetLateralAcceleration", "steerCommand")
+# The official command line names segments "data/NNNNN.csv"; the seed hashes that string.
+OFFICIAL_PATH_FORMAT = "data/{}.csv"
+
+State = namedtuple("State", ["roll_lataccel", "v_ego", "a_ego"])
+FuturePlan = namedtuple("FuturePlan", ["lataccel", "roll_lataccel", "v_ego", "a_ego"])
+
+
+class TinyPhysicsError(Exception):
+    """A problem with the user's input; its message is one line naming the problem and the fix."""
+
+
+def run_cli(main: Callable[[], Any]) -> Any:
+    """Run a script's main, turning a TinyPhysicsError into a one-line message and exit code 2."""
+    try:
+        return main()
+    except TinyPhysicsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+# --- Tokenizer --------------------------------------------------------------------------------
+BINS = np.linspace(LATACCEL_RANGE[0], LATACCEL_RANGE[1], VOCAB_SIZE)
+
+
+def encode(lataccel: np.ndarray) -> np.ndarray:
+    """Token of each lateral acceleration: the i with bins[i-1] < x <= bins[i], after clipping."""
+    return np.digitize(np.clip(lataccel, *LATACCEL_RANGE), BINS, right=True)
+
+
+def decode(token: np.ndarray) -> np.ndarray:
+    return BINS[token]
+
+
+# --- Finding the model and the data -----------------------------------------------------------
+def cache_dir() -> Path:
+    """Where downloads and segment caches live: $TINYPHYSICS_CACHE, else the user cache folder."""
+    if os.environ.get("TINYPHYSICS_CACHE"):
+        return Path(os.environ["TINYPHYSICS_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "tinyphysics"
+
+
+def download(url: str, dest: Path, sha256: str | None = None) -> Path:
+    """Fetch url into dest with a progress bar; dest appears whole and verified, or not at all."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=dest.name + ".", suffix=".part")
+    tmp = Path(tmp_name)
+    try:
+        digest = hashlib.sha256()
+        with os.fdopen(fd, "wb") as f, urllib.request.urlopen(url, timeout=60) as resp:
+            total = int(resp.headers.get("Content-Length") or 0)
+            with tqdm(total=total or None, unit="B", unit_scale=True, desc=f"downloading {dest.name}") as bar:
+                while chunk := resp.read(1 << 20):
+                    f.write(chunk)
+                    digest.update(chunk)
+                    bar.update(len(chunk))
+        size = tmp.stat().st_size
+        if total and size != total:
+            raise TinyPhysicsError(f"download of {url} stopped at {size} of {total} bytes; run again")
+        if sha256 and digest.hexdigest() != sha256:
+            raise TinyPhysicsError(f"{url} has sha256 {digest.hexdigest()}, expected {sha256}; check the address")
+        os.replace(tmp, dest)
+    except (urllib.error.URLError, OSError) as e:
+        raise TinyPhysicsError(f"could not download {url} ({e}); pass local files with "
+                               "--sim-model-path / --data-path instead") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    return dest
+
+
+def _neighbour_checkout() -> Path:
+    """A controls_challenge checkout around this project: its models/ and data/ sit one folder up."""
+    return Path(__file__).resolve().parent.parent
+
+
+def resolve_model_path(flag: str | None = None) -> Path:
+    """--sim-model-path, else $TINYPHYSICS_MODEL, else ../models/tinyphysics.onnx, else a download
+    into the cache ($TINYPHYSICS_MODEL_URL overrides the official address, the hash is checked)."""
+    for source, value in (("--sim-model-path", flag), ("TINYPHYSICS_MODEL", os.environ.get("TINYPHYSICS_MODEL"))):
+        if value:
+            if not Path(value).is_file():
+                raise TinyPhysicsError(f"{source}={value}: no such file; point it at tinyphysics.onnx")
+            return Path(value)
+    neighbour = _neighbour_checkout() / "models" / "tinyphysics.onnx"
+    if neighbour.is_file():
+        return neighbour
+    cached = cache_dir() / "models" / "tinyphysics.onnx"
+    if not cached.is_file():
+        print(f"tinyphysics model not found locally; downloading it to {cached}", file=sys.stderr)
+        url = os.environ.get("TINYPHYSICS_MODEL_URL", MODEL_URL)
+        download(url, cached, sha256=os.environ.get("TINYPHYSICS_MODEL_SHA256", MODEL_SHA256))
+    return cached
+
+
+def resolve_data_path(flag: str | None = None) -> Path:
+    """--data-path, else $TINYPHYSICS_DATA, else ../data, else the official dataset zip downloaded
+    and unpacked into the cache ($TINYPHYSICS_DATA_URL overrides the official address)."""
+    for source, value in (("--data-path", flag), ("TINYPHYSICS_DATA", os.environ.get("TINYPHYSICS_DATA"))):
+        if value:
+            if not Path(value).exists():
+                raise TinyPhysicsError(f"{source}={value}: no such file or folder; point it at the segment CSVs")
+            return Path(value)
+    neighbour = _neighbour_checkout() / "data"
+    if neighbour.is_dir() and any(neighbour.glob("*.csv")):
+        return neighbour
+    cached = cache_dir() / "data"
+    if not cached.is_dir():
+        print(f"tinyphysics data not found locally; downloading it to {cached}", file=sys.stderr)
+        fetch_dataset(os.environ.get("TINYPHYSICS_DATA_URL", DATASET_URL), cached)
+    return cached
+
+
+def fetch_dataset(url: str, dest: Path) -> Path:
+    """Download the dataset zip and unpack its CSVs flat into dest; dest appears complete or not at all."""
+    zip_path = download(url, dest.parent / "dataset.zip")
+    unpack = Path(tempfile.mkdtemp(dir=dest.parent, prefix=dest.name + ".", suffix=".part"))
+    try:
+        try:
+            with zipfile.ZipFile(zip_path) as z:
+                members = [m for m in z.infolist() if m.filename.endswith(".csv") and not m.is_dir()]
+                if not members:
+                    raise TinyPhysicsError(f"{url} holds no CSV files; check TINYPHYSICS_DATA_URL")
+                for m in tqdm(members, desc="unpacking", unit="file"):
+                    (unpack / Path(m.filename).name).write_bytes(z.read(m))
+        except zipfile.BadZipFile:
+            raise TinyPhysicsError(f"{url} is not a valid zip file; check the address or run again") from None
+        os.replace(unpack, dest)
+    finally:
+        shutil.rmtree(unpack, ignore_errors=True)
+        zip_path.unlink(missing_ok=True)
+    return dest
+
+
+# --- Segments ---------------------------------------------------------------------------------
+@dataclass
+class Segments:
+    """Segments as arrays of shape (N, ROWS_USED), rows past a segment's end repeating its last row.
+
+    steer_command is already in the simulator's sign (the log's steerCommand negated) and
+    roll_lataccel is sin(roll) * g, as the official program reads them.
+    """
+
+    names: list[str]
+    lengths: np.ndarray
+    roll_lataccel: np.ndarray
+    v_ego: np.ndarray
+    a_ego: np.ndarray
+    target_lataccel: np.ndarray
+    steer_command: np.ndarray
+
+    FIELDS = ("roll_lataccel", "v_ego", "a_ego", "target_lataccel", "steer_command")
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def subset(self, idx: Sequence[int] | np.ndarray) -> Segments:
+        idx = np.asarray(idx, dtype=np.int64)
+        return Segments([self.names[i] for i in idx], self.lengths[idx],
+                        *(np.ascontiguousarray(getattr(self, f)[idx]) for f in self.FIELDS))
+
+
+def _read_segment_csv(path: Path) -> np.ndarray:
+    """One segment as a (5, ROWS_USED) float64 array in the simulator's units, checked."""
+    import pandas as pd
+
+    try:
+        df = pd.read_csv(path)
+    except Exception as e:  # pandas raises many kinds for a broken file
+        raise TinyPhysicsError(f"{path}: cannot be read as CSV ({type(e).__name__}); replace the file") from None
+    missing = [c for c in CSV_COLUMNS[1:] if c not in df.columns]
+    if missing:
+        raise TinyPhysicsError(f"{path}: missing column(s) {', '.join(missing)}; expected {','.join(CSV_COLUMNS)}")
+    n = len(df)
+    if n < COST_END_IDX:
+        raise TinyPhysicsError(f"{path}: {n} rows, the simulator needs at least {COST_END_IDX}; remove the file")
+    used = min(n, ROWS_USED)
+    out = np.empty((5, ROWS_USED))
+    columns = {
+        "roll_lataccel": np.sin(df["roll"].to_numpy(np.float64)) * ACC_G,
+        "v_ego": df["vEgo"].to_numpy(np.float64),
+        "a_ego": df["aEgo"].to_numpy(np.float64),
+        "target_lataccel": df["targetLateralAcceleration"].to_numpy(np.float64),
+        "steer_command": -df["steerCommand"].to_numpy(np.float64),
+    }
+    for i, (name, values) in enumerate(columns.items()):
+        needed = CONTROL_START_IDX if name == "steer_command" else used
+        bad = np.flatnonzero(~np.isfinite(values[:needed]))
+        if bad.size:
+            raise TinyPhysicsError(f"{path}: {name} is NaN or empty at row {bad[0]}, inside the rows the "
+                                   "simulator uses; replace the file")
+        out[i, :used] = values[:used]
+        out[i, used:] = values[used - 1]
+    return out
+
+
+def _fingerprint(files: list[Path]) -> str:
+    h = hashlib.sha256()
+    for f in files:
+        st = f.stat()
+        h.update(f"{f.name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def _segment_cache_dir(data_dir: Path) -> Path:
+    """In the user cache, keyed by the data folder's path, so that data folders stay untouched."""
+    return cache_dir() / "segments" / hashlib.sha256(str(data_dir.resolve()).encode()).hexdigest()[:16]
+
+
+def list_segment_files(data_path: Path) -> list[Path]:
+    data_path = Path(data_path)
+    files = [data_path] if data_path.is_file() else sorted(data_path.glob("*.csv"))
+    if not files:
+        raise TinyPhysicsError(f"{data_path}: no .csv segments there; pass --data-path pointing at the data folder")
+    return files
+
+
+def load_segments(data_path: str | Path, progress: bool = True) -> Segments:
+    """Every CSV segment under data_path (a folder or one file), in sorted order.
+
+    Parsing thousands of CSVs is slow, so a folder's arrays are cached as a memory-mapped .npy
+    file in the user cache, rebuilt whenever a file's name, size or mtime changes.
+    """
+    files = list_segment_files(Path(data_path))
+    names = [f.stem for f in files]
+    if len(files) == 1:
+        arrays = _read_segment_csv(files[0])[None]
+        lengths = np.array([_count_rows(files[0])])
+    else:
+        cache = _segment_cache_dir(files[0].parent)
+        key = _fingerprint(files)
+        array_file, meta_file = cache / f"segments-{key}.npy", cache / f"segments-{key}.json"
+        if array_file.is_file() and meta_file.is_file():
+            arrays = np.load(array_file, mmap_mode="r")
+            lengths = np.array(json.loads(meta_file.read_text())["lengths"])
+        else:
+            arrays = np.stack([_read_segment_csv(f) for f in tqdm(files, desc="reading segments", unit="file",
+                                                                   disable=not progress or len(files) < 200)])
+            lengths = np.array([_count_rows(f) for f in files])
+            _write_cache(cache, key, arrays, {"names": names, "lengths": lengths.tolist()})
+    return Segments(names, lengths, *(arrays[:, i] for i in range(5)))
+
+
+def _count_rows(path: Path) -> int:
+    with open(path, "rb") as f:
+        return sum(1 for line in f if line.strip()) - 1
+
+
+def _write_cache(cache: Path, key: str, arrays: np.ndarray, meta: dict) -> None:
+    """Replace any older cache with this one; a failure to write only costs the next reload time."""
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        for old in cache.glob("segments-*"):
+            old.unlink(missing_ok=True)
+        # The .json goes last: its presence says the .npy beside it is complete.
+        writers = ((".npy", lambda f: np.save(f, arrays)), (".json", lambda f: f.write(json.dumps(meta).encode())))
+        for suffix, write in writers:
+            fd, tmp = tempfile.mkstemp(dir=cache, suffix=".part")
+            with os.fdopen(fd, "wb") as f:
+                write(f)
+            os.replace(tmp, cache / f"segments-{key}{suffix}")
+    except OSError as e:
+        print(f"note: segment cache not written ({e}); the next run reads the CSVs again", file=sys.stderr)
+
+
+def split_segments(n: int, eval_count: int = NUM_EVAL_SEGMENTS, verbose: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """(train, eval) indices by sorted order: eval is the first eval_count (the official evaluation
+    set), train everything after. With no segment left for training, the first half is eval and
+    the second half train, and that choice is printed."""
+    if n > eval_count:
+        return np.arange(eval_count, n), np.arange(eval_count)
+    if n < 2:
+        raise TinyPhysicsError(f"only {n} segment(s): need two or more to split into train and eval; "
+                               "pass a separate --eval-data-path")
+    half = (n + 1) // 2
+    if verbose:
+        print(f"note: only {n} segments (the official eval set alone is {eval_count}): evaluating on the "
+              f"first {half}, training on the other {n - half}", file=sys.stderr)
+    return np.arange(half, n), np.arange(half)
+
+
+# --- Synthetic segments -----------------------------------------------------------------------
+def steer_gain(v_ego: np.ndarray) -> np.ndarray:
+    """Lateral acceleration per unit steer in the synthetic segments, rising with speed as in the real
+    logs (about 0.6 at standstill to 1.8 at highway speed)."""
+    return 0.6 + 1.2 * np.clip(v_ego / 35.0, 0.0, 1.0)
+
+
+def _smooth_noise(rng: np.random.Generator, n: int, tau_steps: float, order: int = 2) -> np.ndarray:
+    """Zero-mean unit-variance noise low-passed `order` times with time constant tau_steps."""
+    alpha = 1.0 / tau_steps
+    x = rng.standard_normal(n + 200)
+    for _ in range(order):
+        y = np.empty_like(x)
+        acc = 0.0
+        for i, v in enumerate(x):
+            acc += alpha * (v - acc)
+            y[i] = acc
+        x = y
+    x = x[200:]
+    return (x - x.mean()) / (x.std() + 1e-12)
+
+
+def synthesize_segments(n: int, seed: int, out_dir: str | Path) -> list[Path]:
+    """Write n official-format segment CSVs (00000.csv ...) with the real dataset's statistics.
+
+    Speeds 0-43 m/s (mean about 23, sd about 9), smooth accelerations, road roll within about
+    +-0.17 rad, smooth target lateral acceleration with sd about 0.46 m/s^2 overall, and a logged
+    steer for the first 100 rows consistent with the target through a speed-dependent gain.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(n):
+        rows = int(rng.choice([599, 600]))
+        v0 = float(np.clip(rng.normal(23.4, 9.2), 0.5, 42.0))
+        a_ego = rng.lognormal(np.log(0.3), 0.6) * _smooth_noise(rng, rows, rng.uniform(10, 40))
+        v_ego = np.clip(v0 + np.cumsum(a_ego) * DT, 0.0, 43.0)
+        a_ego = np.where((v_ego <= 0.0) | (v_ego >= 43.0), 0.0, a_ego)
+        roll = np.clip(rng.normal(0.01, 0.03) + rng.lognormal(np.log(0.01), 0.6) * _smooth_noise(rng, rows, 30.0),
+                       -0.17, 0.17)
+        target = (rng.lognormal(np.log(0.25), 0.8) * _smooth_noise(rng, rows, rng.uniform(5, 20))
+                  + rng.normal(0.0, 0.1))
+        target = np.clip(target, -4.0, 4.0)
+        roll_lataccel = np.sin(roll) * ACC_G
+        steer = (target - roll_lataccel) / steer_gain(v_ego) + rng.normal(0.0, 0.005, rows)
+        steer_command = np.full(rows, np.nan)
+        steer_command[:CONTROL_START_IDX] = -steer[:CONTROL_START_IDX]
+        path = out_dir / f"{i:05d}.csv"
+        table = np.column_stack([np.arange(rows) * DT, v_ego, a_ego, roll, target, steer_command])
+        with open(path, "w") as f:
+            f.write(",".join(CSV_COLUMNS) + "\n")
+            for row in table:
+                f.write(",".join("" if np.isnan(x) else repr(float(x)) for x in row) + "\n")
+        paths.append(path)
+    return paths
+
+
+# --- The model --------------------------------------------------------------------------------
+class TinyPhysicsModel:
+    """The official ONNX model under ONNX Runtime: CPU, or CUDA when both CUDA and the provider exist.
+
+    On the CPU a row's logits are bit-identical alone or inside a batch of any size, which is what
+    lets one batched call per step reproduce the official one-segment-at-a-time scores exactly. It
+    also lets a large batch be split across one single-threaded session per thread, run side by
+    side: on 2 cores that beats one session with 2 intra-op threads by about a third.
+    """
+
+    MIN_ROWS_PER_SESSION = 1  # measured: splitting already pays at batch 4 on 2 cores
+
+    def __init__(self, path: str | Path, threads: int = 0, cuda: bool | None = None):
+        import onnxruntime as ort
+
+        if cuda is None:
+            cuda = "CUDAExecutionProvider" in ort.get_available_providers() and _torch_cuda_available()
+        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if cuda else ["CPUExecutionProvider"]
+        threads = threads or os.cpu_count() or 1
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = 1
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3
+        try:
+            self.sessions = [ort.InferenceSession(str(path), options, providers=providers)
+                             for _ in range(1 if cuda else threads)]
+        except Exception as e:  # onnxruntime raises its own exception types for a bad file
+            raise TinyPhysicsError(f"{path}: not a loadable ONNX model ({type(e).__name__}); "
+                                   "pass the official tinyphysics.onnx with --sim-model-path") from None
+        self.path = Path(path)
+        self._pool = None
+        if len(self.sessions) > 1:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pool = ThreadPoolExecutor(len(self.sessions) - 1)
+
+    def last_logits(self, states: np.ndarray, tokens: np.ndarray) -> np.ndarray:
+        """Logits (float32, [B, 1024]) of the last context position for states [B,20,4] and tokens [B,20]."""
+        parts = min(len(self.sessions), len(states) // self.MIN_ROWS_PER_SESSION) or 1
+        if parts == 1:
+            return self._run(self.sessions[0], states, tokens)
+        bounds = np.linspace(0, len(states), parts + 1).astype(int)
+        chunks = [(states[lo:hi], tokens[lo:hi]) for lo, hi in zip(bounds[:-1], bounds[1:])]
+        # onnxruntime releases the GIL while it runs, so the chunks really run in parallel.
+        futures = [self._pool.submit(self._run, session, *chunk)
+                   for session, chunk in zip(self.sessions[1:], chunks[1:])]
+        return np.concatenate([self._run(self.sessions[0], *chunks[0])] + [f.result() for f in futures])
+
+    @staticmethod
+    def _run(session, states: np.ndarray, tokens: np.ndarray) -> np.ndarray:
+        return session.run(None, {"states": states, "tokens": tokens})[0][:, -1]
+
+
+def _torch_cuda_available() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+def softmax_probs(logits: np.ndarray) -> np.ndarray:
+    """Sampling probabilities in float32, with the official program's operations and their order."""
+    x = logits / np.float32(TEMPERATURE)
+    e = np.exp(x - np.max(x, axis=-1, keepdims=True))
+    return e / np.sum(e, axis=-1, keepdims=True)
+
+
+def sample_tokens(probs: np.ndarray, uniforms: np.ndarray) -> np.ndarray:
+    """numpy's legacy choice(1024, p) per row, given its uniform draw: searchsorted(cdf, u, 'right')
+    on the float64 cumulative sum normalised by its last element."""
+    cdf = np.cumsum(probs.astype(np.float64), axis=-1)
+    cdf /= cdf[:, -1:]
+    return np.sum(cdf <= uniforms[:, None], axis=-1)
+
+
+def official_seed(name: str) -> int:
+    """Seed the official program gives segment `name` (a file stem): md5 of its path string, mod 10^4."""
+    return int(hashlib.md5(OFFICIAL_PATH_FORMAT.format(name).encode()).hexdigest(), 16) % 10**4
+
+
+def official_uniforms(names: Sequence[str]) -> np.ndarray:
+    """[B, 480]: the random numbers the official rollout draws at steps 20..499, one per step."""
+    return np.stack([np.random.RandomState(official_seed(n)).random_sample(COST_END_IDX - CONTEXT_LENGTH)
+                     for n in names])
+
+
+# --- The batched simulator --------------------------------------------------------------------
+class TinyPhysicsSim:
+    """B segments stepped in lockstep with one model call per step (SPEC.md "One rollout").
+
+    Histories are arrays over steps 0..499; `t` is the next step to run. With `official_rng`
+    the random stream of each segment is the official one and scores are official-exact;
+    otherwise a fast numpy Generator seeded with `seed` draws the uniforms, and the scores are
+    NOT official-exact (the sampled noise differs), which is what training wants.
+    """
+
+    def __init__(self, model: TinyPhysicsModel, official_rng: bool = True, seed: int | None = None):
+        self.model = model
+        self.official_rng = official_rng
+        self.rng = np.random.default_rng(seed)
+
+    def reset(self, segments: Segments) -> None:
+        """Load a batch of segments and fill steps 0..19 from the data."""
+        self.segments = segments
+        self.data = {f: np.ascontiguousarray(getattr(segments, f), dtype=np.float64) for f in Segments.FIELDS}
+        b = len(segments)
+        self.target = self.data["target_lataccel"]
+        self.actions = np.zeros((b, COST_END_IDX))
+        self.current = np.zeros((b, COST_END_IDX))
+        self.actions[:, :CONTEXT_LENGTH] = self.data["steer_command"][:, :CONTEXT_LENGTH]
+        self.current[:, :CONTEXT_LENGTH] = self.target[:, :CONTEXT_LENGTH]
+        self.uniforms = official_uniforms(segments.names) if self.official_rng else None
+        self.t = CONTEXT_LENGTH
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.segments)
+
+    def step(self, action: np.ndarray | None) -> None:
+        """Run step t with this steer per segment (ignored before step 100, where the log's steer is used)."""
+        t = self.t
+        if t >= COST_END_IDX:
+            raise RuntimeError("the rollout is over after step 499; call reset")
+        if t < CONTROL_START_IDX:
+            # The model's prediction is discarded before step 100; skipping it changes no score,
+            # and indexing the uniforms by step keeps the random stream aligned.
+            self.actions[:, t] = self.data["steer_command"][:, t]
+            self.current[:, t] = self.target[:, t]
+        else:
+            self.actions[:, t] = np.clip(action, *STEER_RANGE)
+            previous = self.current[:, t - 1]
+            self.current[:, t] = np.clip(self._predict(t), previous - MAX_ACC_DELTA, previous + MAX_ACC_DELTA)
+        self.t = t + 1
+
+    def warm_up(self) -> None:
+        """Run the logged steps up to step 100, where control starts."""
+        while self.t < CONTROL_START_IDX:
+            self.step(None)
+
+    def _predict(self, t: int) -> np.ndarray:
+        window = slice(t - CONTEXT_LENGTH + 1, t + 1)
+        states = np.stack([self.actions[:, window], self.data["roll_lataccel"][:, window],
+                           self.data["v_ego"][:, window], self.data["a_ego"][:, window]], axis=-1)
+        tokens = encode(self.current[:, t - CONTEXT_LENGTH:t])
+        probs = softmax_probs(self.model.last_logits(states.astype(np.float32), tokens.astype(np.int64)))
+        u = self.uniforms[:, t - CONTEXT_LENGTH] if self.official_rng else self.rng.random(len(probs))
+        return decode(sample_tokens(probs, u))
+
+    def step_reward(self, t: int) -> np.ndarray:
+        """Minus step t's share of the official total cost (see `TinyPhysicsEnv`)."""
+        error = self.target[:, t] - self.current[:, t]
+        reward = -(LAT_ACCEL_COST_MULTIPLIER * 100.0 / COST_STEPS) * error**2
+        if t > CONTROL_START_IDX:
+            jerk = (self.current[:, t] - self.current[:, t - 1]) / DT
+            reward -= (100.0 / (COST_STEPS - 1)) * jerk**2
+        return reward
+
+    def costs(self) -> dict[str, np.ndarray]:
+        """Official lataccel, jerk and total cost per segment over steps 100..499."""
+        if self.t < COST_END_IDX:
+            raise RuntimeError("costs need a rollout that reached step 499")
+        return compute_costs(self.target[:, CONTROL_START_IDX:COST_END_IDX],
+                             self.current[:, CONTROL_START_IDX:COST_END_IDX])
+
+
+def compute_costs(target: np.ndarray, current: np.ndarray) -> dict[str, np.ndarray]:
+    """Official costs of [B, 400] target and actual lateral accelerations, row by row as the official
+    program sums them."""
+    lataccel = np.array([np.mean((tg - cu) ** 2) * 100 for tg, cu in zip(target, current)])
+    jerk = np.array([np.mean((np.diff(cu) / DT) ** 2) * 100 for cu in current])
+    return {"lataccel_cost": lataccel, "jerk_cost": jerk, "total_cost": lataccel * LAT_ACCEL_COST_MULTIPLIER + jerk}
+
+
+# --- Official-interface controllers ------------------------------------------------------------
+class BaseController:
+    """The official controller interface."""
+
+    def update(self, target_lataccel, current_lataccel, state, future_plan):
+        raise NotImplementedError
+
+
+class PIDController(BaseController):
+    """The official baseline PID."""
+
+    def __init__(self, p: float = 0.195, i: float = 0.100, d: float = -0.053):
+        self.p, self.i, self.d = p, i, d
+        self.error_integral = 0.0
+        self.prev_error = 0.0
+
+    def update(self, target_lataccel, current_lataccel, state, future_plan):
+        error = target_lataccel - current_lataccel
+        self.error_integral += error
+        error_diff = error - self.prev_error
+        self.prev_error = error
+        return self.p * error + self.i * self.error_integral + self.d * error_diff
+
+
+class ZeroController(BaseController):
+    def update(self, target_lataccel, current_lataccel, state, future_plan):
+        return 0.0
+
+
+BUILTIN_CONTROLLERS = {"pid": PIDController, "zero": ZeroController}
+
+
+def load_controller(name_or_file: str) -> type:
+    """The controller class for a built-in name (pid, zero) or a .py file inside an official-style
+    `controllers/` package, imported as the official program does: `controllers.<stem>` with the
+    package's parent on sys.path, so that `from . import BaseController` works."""
+    if name_or_file in BUILTIN_CONTROLLERS:
+        return BUILTIN_CONTROLLERS[name_or_file]
+    path = Path(name_or_file)
+    if path.suffix != ".py" or not path.is_file():
+        raise TinyPhysicsError(f"controller {name_or_file!r}: not {' or '.join(BUILTIN_CONTROLLERS)} and not an "
+                               "existing .py file; pass a built-in name or controllers/<name>.py")
+    package = path.resolve().parent
+    if not (package / "__init__.py").is_file():
+        raise TinyPhysicsError(f"{path}: its folder has no __init__.py; put the file in a controllers/ package "
+                               "whose __init__.py defines BaseController")
+    root = str(package.parent)
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    module_name = f"{package.name}.{path.stem}"
+    try:
+        loaded = sys.modules.get(package.name)
+        if loaded is not None and Path(getattr(loaded, "__file__", "") or "").resolve().parent != package:
+            # Another package of the same name was imported first (e.g. a second controllers/ folder).
+            for key in [k for k in sys.modules if k == package.name or k.startswith(package.name + ".")]:
+                del sys.modules[key]
+        module = importlib.import_module(module_name)
+    except Exception as e:
+        raise TinyPhysicsError(f"{path}: importing it as {module_name} failed ({type(e).__name__}: {e})") from None
+    if not hasattr(module, "Controller"):
+        raise TinyPhysicsError(f"{path}: defines no class named Controller; the official program needs one")
+    return module.Controller
+
+
+def rollout_controllers(sim: TinyPhysicsSim, segments: Segments, make_controller: Callable[[], Any]) -> dict:
+    """Score one controller instance per segment, called at every step from step 20 with the
+    official arguments; returns the official costs per segment."""
+    sim.reset(segments)
+    controllers = [make_controller() for _ in range(len(segments))]
+    columns = {f: getattr(segments, f).tolist() for f in ("roll_lataccel", "v_ego", "a_ego", "target_lataccel")}
+    ends = [min(n, ROWS_USED) for n in segments.lengths.tolist()]
+    for t in range(CONTEXT_LENGTH, COST_END_IDX):
+        actions = np.empty(len(controllers))
+        current = sim.current[:, t - 1].tolist()
+        for i, controller in enumerate(controllers):
+            roll, v, a, target = (columns[f][i] for f in ("roll_lataccel", "v_ego", "a_ego", "target_lataccel"))
+            future = slice(t + 1, min(t + FUTURE_PLAN_STEPS, ends[i]))
+            actions[i] = controller.update(target[t], current[i], State(roll[t], v[t], a[t]),
+                                           FuturePlan(target[future], roll[future], v[future], a[future]))
+        sim.step(actions)
+    return sim.costs()
+
+
+def rollout_policy(sim: TinyPhysicsSim, segments: Segments, act: Callable[[np.ndarray], np.ndarray]) -> dict:
+    """Score a policy that maps a batch of observations (see `observe`) to steer, from step 100."""
+    sim.reset(segments)
+    sim.warm_up()
+    while sim.t < COST_END_IDX:
+        sim.step(act(observe(sim)))
+    return sim.costs()
+
+
+def score_in_batches(segments: Segments, batch_size: int, rollout: Callable[[Segments], dict],
+                     progress: bool = False, desc: str = "scoring") -> dict[str, np.ndarray]:
+    """Run `rollout` over consecutive batches of segments and join the per-segment costs."""
+    parts = []
+    with tqdm(total=len(segments), desc=desc, unit="seg", disable=not progress) as bar:
+        for lo in range(0, len(segments), batch_size):
+            parts.append(rollout(segments.subset(range(lo, min(lo + batch_size, len(segments))))))
+            bar.update(min(batch_size, len(segments) - lo))
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+def reference_rollout(model: TinyPhysicsModel, segments: Segments, index: int, controller: Any) -> dict:
+    """SPEC.md's rollout of one segment written out literally, as the official program runs it:
+    Python lists, the model at every step from 20 to the last row, softmax over all 20 positions
+    and numpy's legacy `choice`. Slow on purpose of faithfulness; the baseline that benchmarks
+    compare with and an independent check of `TinyPhysicsSim` in the tests."""
+    session = model.sessions[0]
+    rng = np.random.RandomState(official_seed(segments.names[index]))
+    n = int(segments.lengths[index])
+    roll, v, a, target, steer = (getattr(segments, f)[index].tolist() for f in Segments.FIELDS)
+    roll, v, a, target = (c + [c[-1]] * (n - len(c)) for c in (roll, v, a, target))  # rows past ROWS_USED
+    states = [(roll[i], v[i], a[i]) for i in range(CONTEXT_LENGTH)]
+    actions, currents = steer[:CONTEXT_LENGTH], target[:CONTEXT_LENGTH]
+    current = currents[-1]
+    for t in range(CONTEXT_LENGTH, n):
+        states.append((roll[t], v[t], a[t]))
+        end = t + FUTURE_PLAN_STEPS
+        plan = FuturePlan(target[t + 1:end], roll[t + 1:end], v[t + 1:end], a[t + 1:end])
+        action = controller.update(target[t], current, State(*states[t]), plan)
+        if t < CONTROL_START_IDX:
+            action = steer[t]
+        actions.append(np.clip(action, *STEER_RANGE))
+        model_states = np.column_stack([actions[-CONTEXT_LENGTH:], states[-CONTEXT_LENGTH:]])
+        tokens = encode(np.array(currents[-CONTEXT_LENGTH:]))
+        logits = session.run(None, {"states": model_states[None].astype(np.float32),
+                                    "tokens": tokens[None].astype(np.int64)})[0]
+        probs = softmax_probs(logits)
+        pred = np.clip(decode(rng.choice(VOCAB_SIZE, p=probs[0, -1])), current - MAX_ACC_DELTA, current + MAX_ACC_DELTA)
+        current = pred if t >= CONTROL_START_IDX else target[t]
+        currents.append(current)
+    window = slice(CONTROL_START_IDX, COST_END_IDX)
+    return {k: v[0] for k, v in compute_costs(np.array([target[window]]), np.array([currents[window]])).items()}
+
+
+# --- Observations and the Gymnasium environments -----------------------------------------------
+OBS_HISTORY = CONTEXT_LENGTH
+OBS_LAYOUT = (
+    ("target_lataccel", 1), ("current_lataccel", 1), ("roll_lataccel", 1), ("v_ego", 1), ("a_ego", 1),
+    ("past_actions", OBS_HISTORY), ("past_lataccel", OBS_HISTORY),
+    ("future_lataccel", FUTURE_LEN), ("future_roll_lataccel", FUTURE_LEN),
+    ("future_v_ego", FUTURE_LEN), ("future_a_ego", FUTURE_LEN),
+)
+OBS_DIM = sum(n for _, n in OBS_LAYOUT)
+
+
+def obs_slices() -> dict[str, slice]:
+    """Where each named part of the observation vector sits."""
+    out, start = {}, 0
+    for name, n in OBS_LAYOUT:
+        out[name] = slice(start, start + n)
+        start += n
+    return out
+
+
+def observe(sim: TinyPhysicsSim) -> np.ndarray:
+    """[B, OBS_DIM] float32 observation before the action of step t (layout in OBS_LAYOUT).
+
+    target_lataccel, roll_lataccel, v_ego, a_ego are of step t; current_lataccel is the latest
+    (step t-1), as the controller interface passes it; past_actions and past_lataccel are steps
+    t-20..t-1 (the last entry is the previous steer); the future rows t+1..t+49 repeat the
+    segment's last row where it ends sooner.
+    """
+    t = sim.t
+    d = sim.data
+    now = [d[f][:, t:t + 1] for f in ("target_lataccel",)] + [sim.current[:, t - 1:t]] + \
+          [d[f][:, t:t + 1] for f in ("roll_lataccel", "v_ego", "a_ego")]
+    past = [sim.actions[:, t - OBS_HISTORY:t], sim.current[:, t - OBS_HISTORY:t]]
+    future = [d[f][:, t + 1:t + FUTURE_PLAN_STEPS] for f in ("target_lataccel", "roll_lataccel", "v_ego", "a_ego")]
+    return np.concatenate(now + past + future, axis=1).astype(np.float32)
+
+
+def episode_info(costs: dict[str, np.ndarray], segments: Segments) -> dict[str, Any]:
+    return {**costs, "segment": np.array(segments.names)}
+
+
+class TinyPhysicsEnv(gym.Env):
+    """One segment per episode: the 400 controlled steps 100..499 of the official rollout.
+
+    Action: the steer command, clipped to [-2, 2]. Observation: OBS_DIM float32 values laid out
+    as in `OBS_LAYOUT` (see `observe`). The reward of the action at step t is minus that step's
+    share of the official cost:
+
+        r_t = -(50 * 100 / 400) * (target_t - current_t)^2
+              - [t > 100] * (100 / 399) * ((current_t - current_{t-1}) / 0.1)^2
+
+    so the undiscounted return of an episode is -total_cost. The episode terminates after step
+    499 (nothing later counts), and the final `info` holds lataccel_cost, jerk_cost, total_cost.
+    With official_rng=True a segment's noise is the official one and the costs are official-exact.
+    """
+
+    metadata = {"render_modes": []}
+
+    def __init__(self, model_path: str | None = None, data_path: str | None = None, segments: Segments | None = None,
+                 official_rng: bool = False, threads: int = 0, model: TinyPhysicsModel | None = None):
+        self.model = model or TinyPhysicsModel(resolve_model_path(model_path), threads=threads)
+        self.pool = segments if segments is not None else load_segments(resolve_data_path(data_path))
+        self.sim = TinyPhysicsSim(self.model, official_rng=official_rng)
+        self.observation_space = gym.spaces.Box(-np.inf, np.inf, (OBS_DIM,), np.float32)
+        self.action_space = gym.spaces.Box(*STEER_RANGE, (1,), np.float32)
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        """options={"segment": i} picks segment i of the pool; otherwise one is drawn at random."""
+        super().reset(seed=seed)
+        if seed is not None:
+            self.sim.rng = np.random.default_rng(seed)
+        index = (options or {}).get("segment", int(self.np_random.integers(len(self.pool))))
+        self.sim.reset(self.pool.subset([index]))
+        self.sim.warm_up()
+        return observe(self.sim)[0], {"segment": self.pool.names[index]}
+
+    def step(self, action):
+        t = self.sim.t
+        self.sim.step(np.asarray(action, dtype=np.float64).reshape(1))
+        reward = float(self.sim.step_reward(t)[0])
+        terminated = self.sim.t == COST_END_IDX
+        info = {k: v[0] for k, v in episode_info(self.sim.costs(), self.sim.segments).items()} if terminated else {}
+        obs = observe(self.sim)[0] if not terminated else np.zeros(OBS_DIM, np.float32)
+        return obs, reward, terminated, False, info
+
+
+class TinyPhysicsVectorEnv(gym.vector.VectorEnv):
+    """num_envs segments stepped in lockstep by one `TinyPhysicsSim` (one model call per step).
+
+    Same observation, action and reward as `TinyPhysicsEnv`. Every episode lasts 400 steps, so all
+    sub-environments end together. Autoreset follows Gymnasium 1.x: with "next_step" (the default)
+    the step after the end resets every sub-environment, ignores the actions and returns reward 0;
+    with "same_step" the end step already returns the next episode's first observation, the
+    last one being in info["final_obs"] and the end-of-episode info in info["final_info"].
+    Training segments are drawn as a reshuffled cycle through the pool; reset(options={"segments":
+    [...]}) picks them explicitly (as evaluation does).
+    """
+
+    def __init__(self, num_envs: int = 1, model_path: str | None = None, data_path: str | None = None,
+                 segments: Segments | None = None, official_rng: bool = False, threads: int = 0,
+                 autoreset_mode: str | gym.vector.AutoresetMode = "next_step", model: TinyPhysicsModel | None = None):
+        if num_envs < 1:
+            raise TinyPhysicsError(f"num_envs={num_envs}: need at least one environment")
+        self.num_envs = num_envs
+        self.model = model or TinyPhysicsModel(resolve_model_path(model_path), threads=threads)
+        self.pool = segments if segments is not None else load_segments(resolve_data_path(data_path))
+        self.sim = TinyPhysicsSim(self.model, official_rng=official_rng)
+        if isinstance(autoreset_mode, str):
+            autoreset_mode = gym.vector.AutoresetMode[autoreset_mode.upper()]
+        if autoreset_mode == gym.vector.AutoresetMode.DISABLED:
+            raise TinyPhysicsError("autoreset_mode: use next_step or same_step; episodes always end together")
+        self.autoreset_mode = autoreset_mode
+        self.metadata = {"autoreset_mode": self.autoreset_mode}
+        self.single_observation_space = gym.spaces.Box(-np.inf, np.inf, (OBS_DIM,), np.float32)
+        self.single_action_space = gym.spaces.Box(*STEER_RANGE, (1,), np.float32)
+        self.observation_space = gym.vector.utils.batch_space(self.single_observation_space, num_envs)
+        self.action_space = gym.vector.utils.batch_space(self.single_action_space, num_envs)
+        self._order: list[int] = []
+        self._needs_reset = False
+
+    def _draw_segments(self) -> np.ndarray:
+        picked = []
+        while len(picked) < self.num_envs:
+            if not self._order:
+                self._order = self.np_random.permutation(len(self.pool)).tolist()
+            picked.append(self._order.pop())
+        return np.array(picked)
+
+    def _start_episodes(self, indices: np.ndarray | None = None) -> tuple[np.ndarray, dict]:
+        self._indices = self._draw_segments() if indices is None else np.asarray(indices)
+        self.sim.reset(self.pool.subset(self._indices))
+        self.sim.warm_up()
+        self._needs_reset = False
+        return observe(self.sim), {"segment": np.array(self.sim.segments.names)}
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        super().reset(seed=seed)
+        if seed is not None:
+            self.sim.rng = np.random.default_rng(seed)
+            self._order = []
+        segments = (options or {}).get("segments")
+        if segments is not None and len(segments) != self.num_envs:
+            raise TinyPhysicsError(f"reset got {len(segments)} segments for {self.num_envs} environments")
+        return self._start_episodes(segments)
+
+    def step(self, actions):
+        b = self.num_envs
+        if self._needs_reset:
+            obs, info = self._start_episodes()
+            return obs, np.zeros(b), np.zeros(b, bool), np.zeros(b, bool), info
+        t = self.sim.t
+        self.sim.step(np.asarray(actions, dtype=np.float64).reshape(b))
+        rewards = self.sim.step_reward(t)
+        done = self.sim.t == COST_END_IDX
+        terminated, truncated = np.full(b, done), np.zeros(b, bool)
+        if not done:
+            return observe(self.sim), rewards, terminated, truncated, {}
+        info = episode_info(self.sim.costs(), self.sim.segments)
+        info.update({"_" + k: np.ones(b, bool) for k in list(info)})
+        final_obs = np.zeros((b, OBS_DIM), np.float32)
+        if self.autoreset_mode == gym.vector.AutoresetMode.SAME_STEP:
+            obs, reset_info = self._start_episodes()
+            reset_info.update({"final_obs": final_obs, "_final_obs": np.ones(b, bool),
+                               "final_info": info, "_final_info": np.ones(b, bool)})
+            return obs, rewards, terminated, truncated, reset_info
+        self._needs_reset = True
+        return final_obs, rewards, terminated, truncated, info
+
+
+    def state_dict(self) -> dict:
+        """Everything needed to continue exactly where this env is (for resumable training)."""
+        return {"indices": self._indices.copy(), "t": self.sim.t, "actions": self.sim.actions.copy(),
+                "current": self.sim.current.copy(), "sim_rng": self.sim.rng.bit_generator.state,
+                "np_random": self.np_random.bit_generator.state, "order": list(self._order),
+                "needs_reset": self._needs_reset}
+
+    def load_state_dict(self, state: dict) -> np.ndarray:
+        """Restore a `state_dict`; returns the current observation."""
+        self.sim.reset(self.pool.subset(state["indices"]))
+        self._indices = np.asarray(state["indices"])
+        self.sim.t, self.sim.actions[:], self.sim.current[:] = state["t"], state["actions"], state["current"]
+        self.sim.rng.bit_generator.state = state["sim_rng"]
+        self.np_random.bit_generator.state = state["np_random"]
+        self._order, self._needs_reset = list(state["order"]), state["needs_reset"]
+        return observe(self.sim)
+
+
+gym.register(id="TinyPhysics-v0", entry_point=TinyPhysicsEnv, vector_entry_point=TinyPhysicsVectorEnv)
