@@ -101,7 +101,8 @@ def test_synthetic_statistics_match_the_real_segments(tmp_path, real_segments):
         out = []
         for i in range(len(s)):
             a = np.c_[s.steer_command[i, :100], s.roll_lataccel[i, :100], np.ones(100)]
-            if np.ptp(s.steer_command[i, :100]) > 0.02:
+            # A single gain is ill-posed near standstill, where it changes within the segment.
+            if np.ptp(s.steer_command[i, :100]) > 0.02 and s.v_ego[i, :100].mean() > 5.0:
                 out.append((s.v_ego[i, :100].mean(), np.linalg.lstsq(a, s.target_lataccel[i, :100], rcond=None)[0][0]))
         return np.array(out)
 
@@ -139,7 +140,7 @@ def test_flag_and_variable_precedence(monkeypatch, model_path, tmp_path):
 def test_invalid_model_file_is_a_clear_error(tmp_path):
     bad = tmp_path / "bad.onnx"
     bad.write_bytes(b"not a model")
-    with pytest.raises(te.TinyPhysicsError, match="not a loadable ONNX model"):
+    with pytest.raises(te.TinyPhysicsError, match="not a loadable tinyphysics ONNX model"):
         te.TinyPhysicsModel(bad)
 
 

@@ -104,7 +104,9 @@ def test_observation_layout(model, real_segments):
     np.testing.assert_array_equal(obs[:, parts["current_lataccel"]][:, 0], sim.current[:, t - 1].astype(np.float32))
     np.testing.assert_array_equal(obs[:, parts["v_ego"]][:, 0], seg.v_ego[:, t].astype(np.float32))
     np.testing.assert_array_equal(obs[:, parts["past_actions"]][:, -1], np.float32([0.3, -0.2]))
-    np.testing.assert_array_equal(obs[:, parts["past_actions"]][:, 0], sim.actions[:, t - 20].astype(np.float32))
+    # Steps before 100 read 0: a controller never sees the logged steer that replaced its answers.
+    np.testing.assert_array_equal(obs[:, parts["past_actions"]][:, :-7], 0.0)
+    np.testing.assert_array_equal(obs[:, parts["past_lataccel"]], sim.current[:, t - 20:t].astype(np.float32))
     np.testing.assert_array_equal(obs[:, parts["future_lataccel"]],
                                   seg.target_lataccel[:, t + 1:t + 50].astype(np.float32))
     np.testing.assert_array_equal(obs[:, parts["future_a_ego"]], seg.a_ego[:, t + 1:t + 50].astype(np.float32))

@@ -143,3 +143,20 @@ def test_literal_reference_rollout_agrees(model, real_segments, official_costs, 
     costs = te.reference_rollout(model, real_segments, index, te.BUILTIN_CONTROLLERS[kind]())
     row = official_costs[(official_costs.segment == real_segments.names[index]) & (official_costs.controller == kind)]
     assert costs["total_cost"] == pytest.approx(row.total_cost.iloc[0], rel=1e-9)
+
+
+def test_last_position_graph_gives_identical_logits(model, real_segments):
+    """The cut graph (output head on the last position only) equals the official graph bit for bit,
+    on random inputs and on real rollout inputs, at several batch sizes."""
+    rng = np.random.default_rng(0)
+    for b in (1, 5, 64, 300):
+        states = rng.normal(0, 2, (b, 20, 4)).astype(np.float32)
+        tokens = rng.integers(0, te.VOCAB_SIZE, (b, 20))
+        np.testing.assert_array_equal(model.last_logits(states, tokens), model.full_logits(states, tokens)[:, -1])
+    sim = te.TinyPhysicsSim(model)
+    te.rollout_controllers(sim, real_segments, te.PIDController)
+    window = slice(300 - 19, 301)
+    states = np.stack([sim.actions[:, window], real_segments.roll_lataccel[:, window], real_segments.v_ego[:, window],
+                       real_segments.a_ego[:, window]], axis=-1).astype(np.float32)
+    tokens = te.encode(sim.current[:, 280:300])
+    np.testing.assert_array_equal(model.last_logits(states, tokens), model.full_logits(states, tokens)[:, -1])
