@@ -1,0 +1,658 @@
+"""PPO for lateral control on the Controls Challenge v2 simulator, CleanRL-style, in one file.
+
+    python ppo_lateral.py --num-envs 64 --total-timesteps 1000000
+
+Reads top to bottom in the order PPO runs: arguments, environments, the agent, (optional)
+behaviour-cloning warm start, then per iteration: rollout, GAE, the clipped update, logging,
+evaluation and checkpoints. The simulator facts live in tinyphysics_env.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import random
+import signal
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+# Torch's OpenMP threads spin after each op by default, taking the cores from the simulator's
+# ONNX Runtime sessions that run between them: measured, that halves the simulator's speed.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+import tyro  # noqa: E402
+from torch.distributions.normal import Normal  # noqa: E402
+from torch.utils.tensorboard import SummaryWriter  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
+
+import tinyphysics_env as te  # noqa: E402
+
+CHECKPOINT_KIND = "ppo_lateral"
+CHECKPOINT_VERSION = 1
+
+
+@dataclass
+class Args:
+    exp_name: str = "ppo_lateral"
+    """the name of this experiment (the run folder is runs/<exp_name>__<seed>__<time>)"""
+    seed: int = 1
+    """seed of the experiment"""
+    torch_deterministic: bool = True
+    """torch.backends.cudnn.deterministic (on CPU results are deterministic for a fixed thread count)"""
+    cuda: bool = True
+    """use CUDA for the agent when it is present"""
+    compile: bool = False
+    """torch.compile the policy step and the PPO loss (works on CPU too; the first iteration compiles)"""
+    amp: bool = False
+    """autocast to bfloat16 on CUDA; ignored on CPU"""
+    progress: bool = True
+    """show a progress bar (only on a terminal)"""
+    runs_dir: str = "runs"
+    """where run folders are written"""
+    resume: str | None = None
+    """continue the run of this checkpoint (its saved arguments are used)"""
+
+    # Assets and segments
+    sim_model_path: str | None = None
+    """the tinyphysics .onnx model (else $TINYPHYSICS_MODEL, ../models/tinyphysics.onnx, or a download)"""
+    data_path: str | None = None
+    """training segments (else $TINYPHYSICS_DATA, ../data, or a download); with no --eval-data-path the
+    first 5,000 are held out for evaluation and the rest are trained on"""
+    eval_data_path: str | None = None
+    """held-out segments to evaluate on (all of --data-path is then trained on)"""
+    synthetic_train: int = 0
+    """train on this many generated synthetic segments instead of --data-path"""
+    eval_segments: int = 100
+    """how many held-out segments each evaluation scores (the first ones in sorted order)"""
+    threads: int = 0
+    """ONNX Runtime threads for the simulator (0: one per core)"""
+
+    # Algorithm
+    total_timesteps: int = 1_000_000
+    """total environment steps"""
+    num_envs: int = 64
+    """segments stepped in parallel"""
+    num_steps: int = 100
+    """steps per environment per rollout (an episode is 400 steps)"""
+    learning_rate: float = 3e-4
+    """Adam learning rate"""
+    anneal_lr: bool = True
+    """anneal the learning rate linearly to zero"""
+    gamma: float = 0.99
+    """discount factor"""
+    gae_lambda: float = 0.95
+    """GAE lambda"""
+    num_minibatches: int = 4
+    """minibatches per update epoch"""
+    update_epochs: int = 4
+    """epochs over each batch (measured: 4 learns as well as 10 here, at 6,000 instead of 5,000 SPS)"""
+    norm_adv: bool = True
+    """normalize advantages per minibatch"""
+    clip_coef: float = 0.2
+    """the surrogate clipping coefficient"""
+    clip_vloss: bool = True
+    """clip the value loss as in the PPO paper's implementation"""
+    ent_coef: float = 0.0
+    """entropy bonus coefficient"""
+    vf_coef: float = 0.5
+    """value loss coefficient"""
+    max_grad_norm: float = 0.5
+    """gradient norm clip"""
+    target_kl: float | None = None
+    """stop the epochs of an update early when approx_kl exceeds this"""
+    reward_scale: float = 0.1
+    """rewards (minus the official per-step cost) are multiplied by this"""
+
+    # Control design
+    action_mode: Literal["delta", "absolute"] = "delta"
+    """delta: the action moves the previous steer by at most --max-delta; absolute: the action is the steer"""
+    max_delta: float = 0.25
+    """largest steer change per step in delta mode"""
+    hidden: int = 64
+    """width of the two hidden layers of the actor and of the critic"""
+    init_logstd: float = -3.0
+    """initial log standard deviation of the policy (in action units, where [-1, 1] spans the range)"""
+    bc_segments: int = 256
+    """warm start: behaviour-clone the PID baseline on this many training segments (0: no warm start)"""
+    bc_epochs: int = 30
+    """warm start: epochs over the PID data (the critic is fitted to the PID's returns too)"""
+
+    # Evaluation and checkpoints
+    eval_every: int = 100_000
+    """score the deterministic policy on held-out segments every this many steps (and at the end)"""
+    checkpoint_every: int = 200_000
+    """write a resumable checkpoint every this many steps"""
+
+
+def validate(args: Args) -> None:
+    """Refuse bad arguments before any work, with a one-line reason each."""
+    checks = [
+        (args.num_envs >= 1, f"--num-envs {args.num_envs}: need at least 1"),
+        (args.num_steps >= 1, f"--num-steps {args.num_steps}: need at least 1"),
+        (args.num_minibatches >= 1, f"--num-minibatches {args.num_minibatches}: need at least 1"),
+        (args.update_epochs >= 1, f"--update-epochs {args.update_epochs}: need at least 1"),
+        ((args.num_envs * args.num_steps) % args.num_minibatches == 0,
+         f"--num-minibatches {args.num_minibatches} does not divide the batch of {args.num_envs * args.num_steps} "
+         "(num_envs * num_steps); pick a divisor"),
+        (args.total_timesteps >= args.num_envs * args.num_steps,
+         f"--total-timesteps {args.total_timesteps} is less than one batch ({args.num_envs * args.num_steps})"),
+        (args.eval_segments >= 1, f"--eval-segments {args.eval_segments}: need at least 1"),
+        (args.eval_every >= 1 and args.checkpoint_every >= 1, "--eval-every and --checkpoint-every must be positive"),
+        (args.max_delta > 0, f"--max-delta {args.max_delta}: must be positive"),
+        (args.hidden >= 1, f"--hidden {args.hidden}: need at least 1"),
+        (0 < args.gamma <= 1 and 0 <= args.gae_lambda <= 1, "--gamma must be in (0, 1] and --gae-lambda in [0, 1]"),
+        (args.synthetic_train >= 0 and args.bc_segments >= 0, "--synthetic-train and --bc-segments cannot be negative"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise te.TinyPhysicsError(message)
+
+
+# --- Environments ------------------------------------------------------------------------------
+def load_splits(args: Args) -> tuple[te.Segments, te.Segments]:
+    """(training, held-out evaluation) segments as the arguments ask."""
+    if args.synthetic_train:
+        folder = te.cache_dir() / "synthetic" / f"n{args.synthetic_train}-seed{args.seed}"
+        if len(list(folder.glob("*.csv"))) != args.synthetic_train:
+            te.synthesize_segments(args.synthetic_train, seed=args.seed, out_dir=folder)
+        train = te.load_segments(folder)
+        held_out = te.load_segments(te.resolve_data_path(args.eval_data_path or args.data_path))
+        if not args.eval_data_path:
+            held_out = held_out.subset(np.arange(min(te.NUM_EVAL_SEGMENTS, len(held_out))))
+    elif args.eval_data_path:
+        train = te.load_segments(te.resolve_data_path(args.data_path))
+        held_out = te.load_segments(te.resolve_data_path(args.eval_data_path))
+    else:
+        everything = te.load_segments(te.resolve_data_path(args.data_path))
+        train_idx, eval_idx = te.split_segments(len(everything))
+        train, held_out = everything.subset(train_idx), everything.subset(eval_idx)
+    return train, held_out.subset(np.arange(min(args.eval_segments, len(held_out))))
+
+
+# --- Agent -------------------------------------------------------------------------------------
+def observation_normalizer() -> tuple[np.ndarray, np.ndarray]:
+    """Fixed (offset, scale) per observation entry, from the dataset's typical ranges: speeds are
+    centred on 20 m/s over 10 m/s, steer is doubled, accelerations are left as they are."""
+    offset, scale = np.zeros(te.OBS_DIM, np.float32), np.ones(te.OBS_DIM, np.float32)
+    for name, part in te.obs_slices().items():
+        if "v_ego" in name:
+            offset[part], scale[part] = 20.0, 0.1
+        elif name == "past_actions":
+            scale[part] = 2.0
+    return offset, scale
+
+
+PREV_STEER_INDEX = te.obs_slices()["past_actions"].stop - 1
+
+
+def layer_init(layer: nn.Linear, std: float = np.sqrt(2), bias_const: float = 0.0) -> nn.Linear:
+    torch.nn.init.orthogonal_(layer.weight, std)
+    torch.nn.init.constant_(layer.bias, bias_const)
+    return layer
+
+
+class Agent(nn.Module):
+    """Separate actor and critic MLPs (tanh) on the normalized observation; a Gaussian policy whose
+    action in [-1, 1] is mapped to steer by `to_steer`. `config()` rebuilds it without this script's
+    defaults, so a checkpoint describes its own policy and observation pipeline."""
+
+    def __init__(self, obs_dim: int, hidden: int, action_mode: str, max_delta: float, init_logstd: float = 0.0,
+                 obs_offset=None, obs_scale=None):
+        super().__init__()
+        offset, scale = observation_normalizer() if obs_offset is None else (obs_offset, obs_scale)
+        self.register_buffer("obs_offset", torch.as_tensor(np.asarray(offset), dtype=torch.float32))
+        self.register_buffer("obs_scale", torch.as_tensor(np.asarray(scale), dtype=torch.float32))
+        self.action_mode, self.max_delta, self.hidden = action_mode, max_delta, hidden
+
+        def mlp(out_std: float) -> nn.Sequential:
+            return nn.Sequential(layer_init(nn.Linear(obs_dim, hidden)), nn.Tanh(),
+                                 layer_init(nn.Linear(hidden, hidden)), nn.Tanh(),
+                                 layer_init(nn.Linear(hidden, 1), std=out_std))
+
+        self.critic = mlp(1.0)
+        self.actor_mean = mlp(0.01)
+        self.actor_logstd = nn.Parameter(torch.full((1, 1), float(init_logstd)))
+
+    def config(self) -> dict:
+        return {"obs_dim": int(self.obs_offset.numel()), "hidden": self.hidden, "action_mode": self.action_mode,
+                "max_delta": self.max_delta, "obs_offset": self.obs_offset.tolist(),
+                "obs_scale": self.obs_scale.tolist()}
+
+    def normalize(self, obs: torch.Tensor) -> torch.Tensor:
+        return (obs - self.obs_offset) * self.obs_scale
+
+    def get_value(self, obs: torch.Tensor) -> torch.Tensor:
+        return self.critic(self.normalize(obs))
+
+    def get_action_and_value(self, obs: torch.Tensor, action: torch.Tensor | None = None):
+        x = self.normalize(obs)
+        mean = self.actor_mean(x)
+        probs = Normal(mean, self.actor_logstd.expand_as(mean).exp())
+        if action is None:
+            action = probs.sample()
+        return action, probs.log_prob(action).sum(1), probs.entropy().sum(1), self.critic(x)
+
+    def to_steer(self, obs: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+        """Steer command for an action: the previous steer moved by at most max_delta, or the action
+        scaled to the steer range."""
+        a = action[:, 0].clamp(-1.0, 1.0)
+        if self.action_mode == "delta":
+            return obs[:, PREV_STEER_INDEX] + self.max_delta * a
+        return te.STEER_RANGE[1] * a
+
+    def to_action(self, obs: torch.Tensor, steer: torch.Tensor) -> torch.Tensor:
+        """The action (before clipping) that `to_steer` maps to this steer, for behaviour cloning."""
+        if self.action_mode == "delta":
+            a = (steer - obs[:, PREV_STEER_INDEX]) / self.max_delta
+        else:
+            a = steer / te.STEER_RANGE[1]
+        return a.clamp(-1.0, 1.0)[:, None]
+
+    def numpy_params(self) -> dict[str, np.ndarray]:
+        """The deterministic policy as float64 arrays for `numpy_policy` (and the exported controller)."""
+        layers = [m for m in self.actor_mean if isinstance(m, nn.Linear)]
+        params = {f"{kind}{i}": getattr(layer, kind).detach().cpu().double().numpy()
+                  for i, layer in enumerate(layers) for kind in ("weight", "bias")}
+        params.update(obs_offset=self.obs_offset.cpu().double().numpy(),
+                      obs_scale=self.obs_scale.cpu().double().numpy(),
+                      delta=np.array(self.action_mode == "delta"), max_delta=np.array(self.max_delta),
+                      steer_max=np.array(te.STEER_RANGE[1]), prev_steer_index=np.array(PREV_STEER_INDEX))
+        return params
+
+
+def numpy_policy(params: dict, obs: np.ndarray) -> np.ndarray:
+    """Steer of the deterministic policy (mean action) for float32 observations [B, D], in float64 numpy.
+
+    Official scoring of a policy uses this, and the exported controller carries this very function,
+    so both give the same steer and the same costs. Mirrors Agent.actor_mean and Agent.to_steer."""
+    x = (obs.astype(np.float64) - params["obs_offset"]) * params["obs_scale"]
+    x = np.tanh(x @ params["weight0"].T + params["bias0"])
+    x = np.tanh(x @ params["weight1"].T + params["bias1"])
+    a = np.clip((x @ params["weight2"].T + params["bias2"])[:, 0], -1.0, 1.0)
+    if params["delta"]:
+        return obs[:, int(params["prev_steer_index"])].astype(np.float64) + float(params["max_delta"]) * a
+    return float(params["steer_max"]) * a
+
+
+def load_agent(path: str | Path, device: str | torch.device = "cpu") -> tuple[Agent, dict]:
+    """An Agent rebuilt from a checkpoint alone, and the checkpoint; bad files are one-line errors."""
+    path = Path(path)
+    if not path.is_file():
+        raise te.TinyPhysicsError(f"{path}: no such checkpoint; pass a .pt file written by ppo_lateral.py")
+    try:
+        checkpoint = torch.load(path, map_location=device, weights_only=False)
+    except Exception as e:  # torch raises several kinds for a corrupt file
+        raise te.TinyPhysicsError(f"{path}: not a readable checkpoint ({type(e).__name__}); "
+                                  "it may be truncated") from None
+    if not isinstance(checkpoint, dict) or checkpoint.get("kind") != CHECKPOINT_KIND:
+        raise te.TinyPhysicsError(f"{path}: not a {CHECKPOINT_KIND} checkpoint; pass one written by ppo_lateral.py")
+    if checkpoint.get("version") != CHECKPOINT_VERSION:
+        raise te.TinyPhysicsError(f"{path}: checkpoint version {checkpoint.get('version')} is not "
+                                  f"{CHECKPOINT_VERSION}; use the matching version of ppo_lateral.py")
+    agent = Agent(**checkpoint["agent_config"]).to(device)
+    agent.load_state_dict(checkpoint["agent"])
+    return agent, checkpoint
+
+
+def save_atomic(path: Path, write: Callable[[object], None]) -> None:
+    """write(file) into a temporary file, then rename it over path: no half-written file ever exists."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def save_checkpoint(obj: dict, path: Path) -> None:
+    save_atomic(path, lambda f: torch.save(obj, f))
+
+
+def policy_checkpoint(agent: Agent, **extra) -> dict:
+    return {"kind": CHECKPOINT_KIND, "version": CHECKPOINT_VERSION, "agent_config": agent.config(),
+            "agent": agent.state_dict(), **extra}
+
+
+# --- Warm start: behaviour cloning of the PID baseline ----------------------------------------
+def pid_demonstrations(sim: te.TinyPhysicsSim, segments: te.Segments, gamma: float, reward_scale: float):
+    """Observations, PID steer and discounted returns of the official PID driving these segments;
+    the PID is called from step 20, as the official program does, so its integral is the same."""
+    sim.reset(segments)
+    pid = te.PIDController()
+    for t in range(te.CONTEXT_LENGTH, te.CONTROL_START_IDX):
+        pid.update(sim.target[:, t], sim.current[:, t - 1], None, None)
+        sim.step(None)
+    observations, steers, rewards = [], [], []
+    while sim.t < te.COST_END_IDX:
+        t = sim.t
+        observations.append(te.observe(sim))
+        steers.append(np.clip(pid.update(sim.target[:, t], sim.current[:, t - 1], None, None), *te.STEER_RANGE))
+        sim.step(steers[-1])
+        rewards.append(sim.step_reward(t) * reward_scale)
+    returns, running = np.zeros_like(np.array(rewards)), 0.0
+    for k in reversed(range(len(rewards))):
+        running = rewards[k] + gamma * running
+        returns[k] = running
+    flat = lambda x: np.asarray(x).reshape(-1, *np.asarray(x).shape[2:])  # noqa: E731
+    return flat(observations), flat(steers), flat(returns)
+
+
+def behaviour_clone(agent: Agent, sim: te.TinyPhysicsSim, segments: te.Segments, args: Args,
+                    device: torch.device) -> dict:
+    """Fit the actor's mean to the PID's actions and the critic to the PID's returns."""
+    obs, steer, returns = pid_demonstrations(sim, segments, args.gamma, args.reward_scale)
+    obs, steer, returns = (torch.as_tensor(x, dtype=torch.float32, device=device) for x in (obs, steer, returns))
+    target = agent.to_action(obs, steer)
+    optimizer = torch.optim.Adam(agent.parameters(), lr=1e-3)
+    generator = torch.Generator().manual_seed(args.seed)
+    for _ in range(args.bc_epochs):
+        for idx in torch.randperm(len(obs), generator=generator).split(512):
+            x = agent.normalize(obs[idx])
+            actor_loss = ((agent.actor_mean(x) - target[idx]) ** 2).mean()
+            value_loss = ((agent.critic(x)[:, 0] - returns[idx]) ** 2).mean()
+            optimizer.zero_grad()
+            (actor_loss + value_loss).backward()
+            optimizer.step()
+    return {"bc/actor_mse": actor_loss.item(), "bc/value_mse": value_loss.item()}
+
+
+# --- Evaluation ------------------------------------------------------------------------------
+def evaluate(agent: Agent, model: te.TinyPhysicsModel, segments: te.Segments, batch_size: int = 1024,
+             progress: bool = False) -> dict[str, np.ndarray]:
+    """Official-exact costs of the deterministic policy (mean action) on these segments."""
+    sim = te.TinyPhysicsSim(model, official_rng=True)
+    params = agent.numpy_params()
+    return te.score_in_batches(segments, batch_size,
+                               lambda s: te.rollout_policy(sim, s, lambda obs: numpy_policy(params, obs)), progress)
+
+
+# --- GAE ------------------------------------------------------------------------------------
+def compute_gae(rewards: torch.Tensor, values: torch.Tensor, dones: torch.Tensor, next_value: torch.Tensor,
+                next_done: torch.Tensor, gamma: float, gae_lambda: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalized advantage estimation over [num_steps, num_envs] rollouts.
+
+    dones[t] marks that obs[t] starts a new episode (the step before it terminated), so no value is
+    bootstrapped across it. Episodes end only by termination (the cost window's end), and a rollout
+    cut mid-episode is bootstrapped from next_value."""
+    num_steps = rewards.shape[0]
+    advantages = torch.zeros_like(rewards)
+    lastgaelam = torch.zeros_like(next_value)
+    for t in reversed(range(num_steps)):
+        if t == num_steps - 1:
+            nextnonterminal, nextvalues = 1.0 - next_done, next_value
+        else:
+            nextnonterminal, nextvalues = 1.0 - dones[t + 1], values[t + 1]
+        delta = rewards[t] + gamma * nextvalues * nextnonterminal - values[t]
+        lastgaelam = delta + gamma * gae_lambda * nextnonterminal * lastgaelam
+        advantages[t] = lastgaelam
+    return advantages, advantages + values
+
+
+# --- The clipped PPO loss -----------------------------------------------------------------------
+def ppo_loss(agent: Agent, obs, actions, logprobs, advantages, returns, values, clip_coef: float,
+             norm_adv: bool, clip_vloss: bool, ent_coef: float, vf_coef: float):
+    _, newlogprob, entropy, newvalue = agent.get_action_and_value(obs, actions)
+    logratio = newlogprob - logprobs
+    ratio = logratio.exp()
+    with torch.no_grad():
+        old_approx_kl = (-logratio).mean()
+        approx_kl = ((ratio - 1) - logratio).mean()
+        clipfrac = ((ratio - 1.0).abs() > clip_coef).float().mean()
+    if norm_adv:
+        advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+    pg_loss = torch.max(-advantages * ratio, -advantages * torch.clamp(ratio, 1 - clip_coef, 1 + clip_coef)).mean()
+    newvalue = newvalue.view(-1)
+    if clip_vloss:
+        v_clipped = values + torch.clamp(newvalue - values, -clip_coef, clip_coef)
+        v_loss = 0.5 * torch.max((newvalue - returns) ** 2, (v_clipped - returns) ** 2).mean()
+    else:
+        v_loss = 0.5 * ((newvalue - returns) ** 2).mean()
+    entropy_loss = entropy.mean()
+    loss = pg_loss - ent_coef * entropy_loss + v_loss * vf_coef
+    return loss, pg_loss, v_loss, entropy_loss, old_approx_kl, approx_kl, clipfrac
+
+
+# --- Training ----------------------------------------------------------------------------------
+STAT_KEYS = ("global_step", "episodic_total_cost", "episodic_lataccel_cost", "episodic_jerk_cost",
+             "policy_loss", "value_loss", "entropy", "approx_kl", "clipfrac", "explained_variance",
+             "learning_rate", "sps", "eval_total_cost")
+
+
+def crossed(global_step: int, batch_size: int, every: int) -> bool:
+    """Whether the last batch of steps passed a multiple of `every`."""
+    return global_step // every > (global_step - batch_size) // every
+
+
+class _StopRequest:
+    """Ctrl-C or SIGTERM: finish the current iteration, write a checkpoint, exit."""
+
+    def __init__(self):
+        self.signum = 0
+
+    def __call__(self, signum, frame):
+        if self.signum:  # a second signal: stop now
+            raise KeyboardInterrupt
+        self.signum = signum
+        print(f"\nsignal {signum}: writing a checkpoint after this iteration", file=sys.stderr)
+
+
+def train(args: Args, on_iteration: Callable[[dict], None] | None = None) -> Path:
+    """Train as the arguments say; returns the run folder. on_iteration(stats) is called after every
+    iteration with that iteration's row of training_stats (for notebooks)."""
+    checkpoint = None
+    if args.resume:
+        _, checkpoint = load_agent(args.resume)
+        if "optimizer" not in checkpoint:
+            raise te.TinyPhysicsError(f"{args.resume}: a policy-only file cannot be resumed; pass a file from "
+                                      "runs/<run>/checkpoints/")
+        resume_path = args.resume
+        args = Args(**{**checkpoint["args"], "resume": resume_path, "progress": args.progress})
+        print(f"resuming {checkpoint['run_name']} at step {checkpoint['global_step']} with its saved arguments",
+              file=sys.stderr)
+
+    # Environments and held-out segments: cheap checks first, so bad input fails before any work
+    validate(args)
+    model_path = te.resolve_model_path(args.sim_model_path)
+    train_segments, eval_segments = load_splits(args)
+    if args.num_envs > len(train_segments):
+        raise te.TinyPhysicsError(f"--num-envs {args.num_envs} is more than the {len(train_segments)} training "
+                                  "segments; use fewer envs or more segments")
+    model = te.TinyPhysicsModel(model_path, threads=args.threads)
+    envs = te.TinyPhysicsVectorEnv(args.num_envs, segments=train_segments, model=model, autoreset_mode="same_step")
+
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    if args.amp and device.type != "cuda":
+        print("note: --amp is ignored on CPU (autocast is used on CUDA only)", file=sys.stderr)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=args.amp and device.type == "cuda")
+
+    run_name = checkpoint["run_name"] if checkpoint else f"{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_dir = Path(args.runs_dir) / run_name
+    writer = SummaryWriter(str(run_dir))
+    if not checkpoint:
+        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(
+            f"|{k}|{v}|" for k, v in vars(args).items()))
+
+    agent = Agent(te.OBS_DIM, args.hidden, args.action_mode, args.max_delta, args.init_logstd).to(device)
+    optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5)
+    batch_size = args.num_envs * args.num_steps
+    minibatch_size = batch_size // args.num_minibatches
+    num_iterations = args.total_timesteps // batch_size
+    stats = {k: [] for k in STAT_KEYS}
+    best_eval, global_step, start_iteration = float("inf"), 0, 1
+
+    if checkpoint:
+        agent.load_state_dict(checkpoint["agent"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        stats, best_eval = checkpoint["stats"], checkpoint["best_eval"]
+        global_step, start_iteration = checkpoint["global_step"], checkpoint["iteration"] + 1
+        torch.set_rng_state(checkpoint["rng"]["torch"])
+        np.random.set_state(checkpoint["rng"]["numpy"])
+        random.setstate(checkpoint["rng"]["python"])
+        envs.reset(seed=args.seed)
+        next_obs = torch.as_tensor(envs.load_state_dict(checkpoint["env"]), device=device)
+        next_done = checkpoint["next_done"].to(device)
+    else:
+        next_obs, _ = envs.reset(seed=args.seed)
+        next_obs = torch.as_tensor(next_obs, device=device)
+        next_done = torch.zeros(args.num_envs, device=device)
+        if args.bc_segments:
+            bc_sim = te.TinyPhysicsSim(model, official_rng=False, seed=args.seed)
+            bc_idx = np.random.default_rng(args.seed).permutation(len(train_segments))[:args.bc_segments]
+            for k, v in behaviour_clone(agent, bc_sim, train_segments.subset(bc_idx), args, device).items():
+                writer.add_scalar(k, v, 0)
+        initial = evaluate(agent, model, eval_segments)
+        for key in ("total_cost", "lataccel_cost", "jerk_cost"):
+            writer.add_scalar(f"eval/{key}", float(initial[key].mean()), 0)
+        best_eval = float(initial["total_cost"].mean())
+        for key in STAT_KEYS:  # row 0: the starting policy, before any PPO update
+            stats[key].append({"global_step": 0, "eval_total_cost": best_eval}.get(key, np.nan))
+        save_checkpoint(policy_checkpoint(agent, args=dataclasses.asdict(args), global_step=0,
+                                          eval_total_cost=best_eval), run_dir / "best_model.pt")
+
+    policy_step = torch.compile(agent.get_action_and_value) if args.compile else agent.get_action_and_value
+    loss_fn = torch.compile(ppo_loss) if args.compile else ppo_loss
+
+    # Rollout storage
+    obs = torch.zeros((args.num_steps, args.num_envs, te.OBS_DIM), device=device)
+    actions = torch.zeros((args.num_steps, args.num_envs, 1), device=device)
+    logprobs = torch.zeros((args.num_steps, args.num_envs), device=device)
+    rewards = torch.zeros((args.num_steps, args.num_envs), device=device)
+    dones = torch.zeros((args.num_steps, args.num_envs), device=device)
+    values = torch.zeros((args.num_steps, args.num_envs), device=device)
+
+    stop = _StopRequest()
+    previous_handlers = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    show_bar = args.progress and sys.stderr.isatty()
+    bar = tqdm(total=num_iterations * batch_size, initial=global_step, unit="step", disable=not show_bar)
+
+    def write_checkpoint(path: Path, iteration: int) -> None:
+        save_checkpoint(policy_checkpoint(
+            agent, optimizer=optimizer.state_dict(), args=dataclasses.asdict(args), run_name=run_name,
+            global_step=global_step, iteration=iteration, stats=stats, best_eval=best_eval,
+            env=envs.state_dict(), next_done=next_done.cpu(),
+            rng={"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
+        ), path)
+
+    try:
+        for iteration in range(start_iteration, num_iterations + 1):
+            iteration_start = time.perf_counter()
+            if args.anneal_lr:
+                optimizer.param_groups[0]["lr"] = (1.0 - (iteration - 1.0) / num_iterations) * args.learning_rate
+            episode_costs = []
+
+            # Rollout
+            for step in range(args.num_steps):
+                global_step += args.num_envs
+                obs[step], dones[step] = next_obs, next_done
+                with torch.no_grad(), autocast:
+                    action, logprob, _, value = policy_step(next_obs)
+                values[step] = value.flatten().float()
+                actions[step], logprobs[step] = action.float(), logprob.float()
+                steer = agent.to_steer(next_obs, action.float())
+                next_obs_np, reward, terminations, truncations, infos = envs.step(steer.double().cpu().numpy())
+                rewards[step] = torch.as_tensor(reward * args.reward_scale, dtype=torch.float32, device=device)
+                next_obs = torch.as_tensor(next_obs_np, device=device)
+                next_done = torch.as_tensor(terminations | truncations, dtype=torch.float32, device=device)
+                if "final_info" in infos:
+                    episode_costs.append({k: infos["final_info"][k] for k in ("total_cost", "lataccel_cost",
+                                                                               "jerk_cost")})
+
+            # GAE
+            with torch.no_grad():
+                next_value = agent.get_value(next_obs).reshape(1, -1)[0]
+                advantages, returns = compute_gae(rewards, values, dones, next_value, next_done,
+                                                  args.gamma, args.gae_lambda)
+
+            # The clipped update
+            b_obs, b_actions = obs.reshape(-1, te.OBS_DIM), actions.reshape(-1, 1)
+            b_logprobs, b_advantages = logprobs.reshape(-1), advantages.reshape(-1)
+            b_returns, b_values = returns.reshape(-1), values.reshape(-1)
+            b_inds = np.arange(batch_size)
+            clipfracs = []
+            for _epoch in range(args.update_epochs):
+                np.random.shuffle(b_inds)
+                for start in range(0, batch_size, minibatch_size):
+                    mb = torch.as_tensor(b_inds[start:start + minibatch_size], device=device)
+                    with autocast:
+                        loss, pg_loss, v_loss, entropy_loss, old_approx_kl, approx_kl, clipfrac = loss_fn(
+                            agent, b_obs[mb], b_actions[mb], b_logprobs[mb], b_advantages[mb], b_returns[mb],
+                            b_values[mb], args.clip_coef, args.norm_adv, args.clip_vloss, args.ent_coef,
+                            args.vf_coef)
+                    clipfracs.append(clipfrac.item())
+                    optimizer.zero_grad()
+                    loss.backward()
+                    nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
+                    optimizer.step()
+                if args.target_kl is not None and approx_kl.item() > args.target_kl:
+                    break
+
+            # Logging
+            y_pred, y_true = b_values.cpu().numpy(), b_returns.cpu().numpy()
+            var_y = np.var(y_true)
+            explained_var = np.nan if var_y == 0 else 1 - np.var(y_true - y_pred) / var_y
+            sps = batch_size / (time.perf_counter() - iteration_start)
+            row = {"global_step": global_step, "policy_loss": pg_loss.item(), "value_loss": v_loss.item(),
+                   "entropy": entropy_loss.item(), "approx_kl": approx_kl.item(), "clipfrac": float(np.mean(clipfracs)),
+                   "explained_variance": float(explained_var), "learning_rate": optimizer.param_groups[0]["lr"],
+                   "sps": sps, "eval_total_cost": np.nan}
+            for key in ("total_cost", "lataccel_cost", "jerk_cost"):
+                done_costs = [c[key] for c in episode_costs]
+                row[f"episodic_{key}"] = float(np.mean(np.concatenate(done_costs))) if done_costs else np.nan
+                if done_costs:
+                    writer.add_scalar(f"charts/episodic_{key}", row[f"episodic_{key}"], global_step)
+            writer.add_scalar("charts/learning_rate", row["learning_rate"], global_step)
+            writer.add_scalar("charts/SPS", sps, global_step)
+            for key in ("policy_loss", "value_loss", "entropy", "approx_kl", "clipfrac", "explained_variance"):
+                writer.add_scalar(f"losses/{key}", row[key], global_step)
+            writer.add_scalar("losses/old_approx_kl", old_approx_kl.item(), global_step)
+
+            # Evaluation and checkpoints
+            if crossed(global_step, batch_size, args.eval_every) or iteration == num_iterations:
+                costs = evaluate(agent, model, eval_segments)
+                row["eval_total_cost"] = float(costs["total_cost"].mean())
+                for key in ("total_cost", "lataccel_cost", "jerk_cost"):
+                    writer.add_scalar(f"eval/{key}", float(costs[key].mean()), global_step)
+                if row["eval_total_cost"] < best_eval:
+                    best_eval = row["eval_total_cost"]
+                    save_checkpoint(policy_checkpoint(agent, args=dataclasses.asdict(args), global_step=global_step,
+                                                      eval_total_cost=best_eval), run_dir / "best_model.pt")
+                bar.set_postfix(eval_cost=f"{row['eval_total_cost']:.2f}", sps=f"{sps:.0f}")
+            for key in STAT_KEYS:
+                stats[key].append(row[key])
+            save_atomic(run_dir / "training_stats.npz",
+                        lambda f: np.savez(f, **{k: np.asarray(v, dtype=np.float64) for k, v in stats.items()}))
+            if crossed(global_step, batch_size, args.checkpoint_every) or stop.signum:
+                write_checkpoint(run_dir / "checkpoints" / f"checkpoint_{global_step}.pt", iteration)
+            bar.update(batch_size)
+            if on_iteration:
+                on_iteration(row)
+            if stop.signum:
+                print(f"stopped by signal {stop.signum}; resume with --resume "
+                      f"{run_dir / 'checkpoints' / f'checkpoint_{global_step}.pt'}", file=sys.stderr)
+                raise SystemExit(128 + stop.signum)
+
+        save_checkpoint(policy_checkpoint(agent, args=dataclasses.asdict(args), global_step=global_step,
+                                          eval_total_cost=stats["eval_total_cost"][-1]), run_dir / "final_model.pt")
+    finally:
+        bar.close()
+        writer.close()
+        for s, handler in previous_handlers.items():
+            signal.signal(s, handler)
+    return run_dir
+
+
+if __name__ == "__main__":
+    te.run_cli(lambda: print(train(tyro.cli(Args))))

@@ -1,0 +1,308 @@
+"""Official-exact scoring of a trained policy or an official-interface controller, an HTML report,
+and export of a policy as a controller for the official repository.
+
+    python ppo_lateral_eval.py --model-path runs/<run>/best_model.pt --report report.html
+    python ppo_lateral_eval.py --controller controllers/my_controller.py --num-segs 100
+    python ppo_lateral_eval.py --model-path runs/<run>/best_model.pt --export-controller controllers/ppo.py
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import inspect
+import io
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import tyro
+
+import ppo_lateral as pl
+import tinyphysics_env as te
+
+COST_KEYS = ("lataccel_cost", "jerk_cost", "total_cost")
+
+
+@dataclass
+class Args:
+    model_path: str | None = None
+    """a checkpoint written by ppo_lateral.py (final_model.pt, best_model.pt or a checkpoint): score its
+    deterministic policy"""
+    controller: str | None = None
+    """score this official-interface controller instead: pid, zero, or a .py file in a controllers/ package"""
+    baseline: str = "pid"
+    """controller scored on the same segments for comparison (pid, zero, a .py file, or none)"""
+    data_path: str | None = None
+    """segment CSVs (else $TINYPHYSICS_DATA, ../data, or a download)"""
+    sim_model_path: str | None = None
+    """the tinyphysics .onnx model (else $TINYPHYSICS_MODEL, ../models/tinyphysics.onnx, or a download)"""
+    num_segs: int = te.NUM_EVAL_SEGMENTS
+    """score the first N segments in sorted order (the official eval uses 5,000)"""
+    results_csv: str | None = None
+    """write one row per segment and controller: segment,controller,lataccel_cost,jerk_cost,total_cost"""
+    json: str | None = None
+    """write the summary table as JSON"""
+    report: str | None = None
+    """write a self-contained HTML report (tables, histograms, sample rollouts)"""
+    export_controller: str | None = None
+    """with --model-path: write the policy as an official controller file (numpy only; weights in a .npz beside it)"""
+    batch_size: int = 1024
+    """segments simulated in lockstep"""
+    threads: int = 0
+    """ONNX Runtime threads (0: one per core)"""
+    progress: bool = True
+    """show progress bars (only on a terminal)"""
+
+
+# --- What is scored -----------------------------------------------------------------------------
+@dataclass
+class Scorer:
+    """A named thing to score: a rollout over a batch of segments returning costs, with the simulator
+    left holding the histories of the last batch."""
+
+    name: str
+    rollout: object  # Callable[[TinyPhysicsSim, Segments], dict]
+
+
+def policy_scorer(model_path: str) -> Scorer:
+    agent, checkpoint = pl.load_agent(model_path)
+    params = agent.numpy_params()
+    return Scorer(f"policy:{Path(model_path).name}",
+                  lambda sim, segs: te.rollout_policy(sim, segs, lambda obs: pl.numpy_policy(params, obs)))
+
+
+def controller_scorer(name_or_file: str) -> Scorer:
+    controller = te.load_controller(name_or_file)
+    label = name_or_file if name_or_file in te.BUILTIN_CONTROLLERS else Path(name_or_file).stem
+    return Scorer(label, lambda sim, segs: te.rollout_controllers(sim, segs, controller))
+
+
+def score(scorer: Scorer, model: te.TinyPhysicsModel, segments: te.Segments, batch_size: int,
+          progress: bool = False) -> dict[str, np.ndarray]:
+    """Official-exact per-segment costs, in batches."""
+    sim = te.TinyPhysicsSim(model, official_rng=True)
+    return te.score_in_batches(segments, batch_size, lambda s: scorer.rollout(sim, s), progress,
+                               desc=f"scoring {scorer.name}")
+
+
+def sample_rollouts(scorer: Scorer, model: te.TinyPhysicsModel, segments: te.Segments) -> dict[str, np.ndarray]:
+    """Target, actual lateral acceleration and steer over the controlled steps, for plotting."""
+    sim = te.TinyPhysicsSim(model, official_rng=True)
+    scorer.rollout(sim, segments)
+    window = slice(te.CONTROL_START_IDX, te.COST_END_IDX)
+    return {"target": sim.target[:, window], "current": sim.current[:, window], "steer": sim.actions[:, window]}
+
+
+# --- Outputs ----------------------------------------------------------------------------------
+def summary_table(results: dict[str, dict[str, np.ndarray]]) -> pd.DataFrame:
+    rows = [{"controller": name, "segments": len(c["total_cost"]), **{k: float(np.mean(c[k])) for k in COST_KEYS}}
+            for name, c in results.items()]
+    return pd.DataFrame(rows).set_index("controller")
+
+
+def results_frame(results: dict[str, dict[str, np.ndarray]], names: list[str]) -> pd.DataFrame:
+    return pd.concat([pd.DataFrame({"segment": names, "controller": name, **{k: c[k] for k in COST_KEYS}})
+                      for name, c in results.items()], ignore_index=True)
+
+
+def _png(fig) -> str:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=90, bbox_inches="tight")
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def report_html(table: pd.DataFrame, results: dict, rollouts: dict, names: list[str], test: str,
+                baseline: str | None) -> str:
+    """A self-contained page: summary table, cost histograms, sample rollouts, verdict."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 3.6))
+    for ax, key in zip(axes, COST_KEYS):
+        top = max(np.quantile(c[key], 0.99) for c in results.values())
+        for name, c in results.items():
+            ax.hist(np.clip(c[key], 0, top), bins=40, range=(0, top), alpha=0.55, label=name)
+        ax.set_title(key)
+        ax.set_xlabel("cost per segment")
+        ax.legend()
+    histograms = _png(fig)
+
+    samples = []
+    for i, segment in enumerate(names):
+        fig, (top_ax, bottom_ax) = plt.subplots(2, 1, figsize=(11, 5), sharex=True)
+        steps = np.arange(te.CONTROL_START_IDX, te.COST_END_IDX)
+        first = next(iter(rollouts.values()))
+        top_ax.plot(steps, first["target"][i], color="black", lw=1.6, label="target")
+        for name, r in rollouts.items():
+            top_ax.plot(steps, r["current"][i], lw=1, label=f"{name}")
+            bottom_ax.plot(steps, r["steer"][i], lw=1, label=f"{name}")
+        top_ax.set_ylabel("lateral accel (m/s²)")
+        top_ax.legend(loc="upper right", fontsize=8)
+        bottom_ax.set_ylabel("steer")
+        bottom_ax.set_xlabel("step")
+        top_ax.set_title(f"segment {segment}")
+        samples.append(_png(fig))
+
+    verdict = ""
+    if baseline is not None:
+        t, b = table.loc[test, "total_cost"], table.loc[baseline, "total_cost"]
+        verdict = (f"<p class='verdict'><b>{html.escape(test)}</b> {'beat' if t < b else 'did not beat'} "
+                   f"<b>{html.escape(baseline)}</b>: mean total cost {t:.3f} vs {b:.3f} "
+                   f"({100 * (t - b) / b:+.1f}%).</p>")
+    images = "".join(f"<img src='data:image/png;base64,{s}'>" for s in samples)
+    return f"""<!doctype html><html><head><meta charset="utf-8"><title>Controls Challenge report</title>
+<style>body{{font-family:sans-serif;margin:2em;max-width:1200px}}table{{border-collapse:collapse}}
+td,th{{border:1px solid #ccc;padding:4px 10px;text-align:right}}img{{max-width:100%;display:block;margin:1em 0}}
+.verdict{{font-size:1.2em}}</style></head><body>
+<h1>Controls Challenge v2 evaluation</h1>
+<p>{len(names)} segments ({html.escape(names[0])} .. {html.escape(names[-1])}), official-exact costs.</p>
+{verdict}
+<h2>Mean costs</h2>{table.to_html(float_format=lambda x: f"{x:.4f}")}
+<h2>Cost distributions</h2><img src='data:image/png;base64,{histograms}'>
+<h2>Sample rollouts</h2>{images}
+</body></html>"""
+
+
+def write_text_atomic(path: str, text: str) -> None:
+    pl.save_atomic(Path(path), lambda f: f.write(text.encode()))
+
+
+# --- Export ------------------------------------------------------------------------------------
+CONTROLLER_TEMPLATE = '''"""A PPO steering policy exported by ppo_lateral_eval.py: a controller for the official
+Controls Challenge repository. Copy this file and {weights} into controls_challenge/controllers/
+and run `python tinyphysics.py --controller {stem}` (or eval.py). Needs numpy only."""
+
+from pathlib import Path
+
+import numpy as np
+
+from . import BaseController
+
+WEIGHTS = Path(__file__).with_name("{weights}")
+
+
+{policy_source}
+
+class Controller(BaseController):
+    """Rebuilds, from the arguments of update(), the observation the policy was trained on."""
+
+    def __init__(self):
+        with np.load(WEIGHTS) as f:
+            self.params = {{k: f[k] for k in f.files}}
+        p = self.params
+        self.step = int(p["first_step"])
+        self.control_start, self.history = int(p["control_start"]), int(p["history"])
+        self.future_len, self.steer_range = int(p["future_len"]), (float(p["steer_min"]), float(p["steer_max"]))
+        self.past_actions = [0.0] * self.history
+        self.past_lataccel = []
+
+    def update(self, target_lataccel, current_lataccel, state, future_plan):
+        t = self.step
+        self.step += 1
+        self.past_lataccel.append(current_lataccel)
+        if t < self.control_start:
+            # The simulator replaces answers before control starts with the logged steer.
+            self.past_actions.append(0.0)
+            return 0.0
+        now = [state.roll_lataccel, state.v_ego, state.a_ego]
+        future = []
+        for values, fallback in zip(future_plan, [target_lataccel] + now):
+            values = list(values)[:self.future_len] or [fallback]
+            future += values + [values[-1]] * (self.future_len - len(values))
+        obs = np.array([target_lataccel, current_lataccel] + now + self.past_actions[-self.history:]
+                       + self.past_lataccel[-self.history:] + future, dtype=np.float64).astype(np.float32)
+        steer = float(np.clip(numpy_policy(self.params, obs[None])[0], *self.steer_range))
+        self.past_actions.append(steer)
+        return steer
+'''
+
+
+def export_controller(model_path: str, out_path: str) -> tuple[Path, Path]:
+    """Write <stem>.py and <stem>.npz: the deterministic policy as an official-interface controller."""
+    out = Path(out_path)
+    if out.suffix != ".py":
+        raise te.TinyPhysicsError(f"--export-controller {out_path}: must name a .py file, e.g. controllers/ppo.py")
+    if not out.parent.is_dir():
+        raise te.TinyPhysicsError(f"--export-controller {out_path}: folder {out.parent} does not exist; create it")
+    agent, _ = pl.load_agent(model_path)
+    weights = out.with_suffix(".npz")
+    params = {**agent.numpy_params(), "first_step": np.array(te.CONTEXT_LENGTH),
+              "control_start": np.array(te.CONTROL_START_IDX), "history": np.array(te.OBS_HISTORY),
+              "future_len": np.array(te.FUTURE_LEN), "steer_min": np.array(te.STEER_RANGE[0]),
+              "steer_max": np.array(te.STEER_RANGE[1])}
+    pl.save_atomic(weights, lambda f: np.savez(f, **params))
+    source = CONTROLLER_TEMPLATE.format(weights=weights.name, stem=out.stem,
+                                        policy_source=inspect.getsource(pl.numpy_policy))
+    write_text_atomic(str(out), source)
+    return out, weights
+
+
+# --- Main ----------------------------------------------------------------------------------------
+def validate(args: Args) -> None:
+    if (args.model_path is None) == (args.controller is None):
+        raise te.TinyPhysicsError("pass exactly one of --model-path (a checkpoint) or --controller (pid, zero or a "
+                                  ".py file)")
+    if args.export_controller and not args.model_path:
+        raise te.TinyPhysicsError("--export-controller needs --model-path: it exports a trained policy")
+    if args.num_segs < 1:
+        raise te.TinyPhysicsError(f"--num-segs {args.num_segs}: need at least 1 segment")
+    if args.batch_size < 1:
+        raise te.TinyPhysicsError(f"--batch-size {args.batch_size}: need at least 1")
+    for flag, value in (("--results-csv", args.results_csv), ("--json", args.json), ("--report", args.report)):
+        if value and not Path(value).resolve().parent.is_dir():
+            raise te.TinyPhysicsError(f"{flag} {value}: folder {Path(value).parent} does not exist; create it")
+
+
+def evaluate_cli(args: Args) -> dict:
+    """Score as the arguments say, print the summary, write the requested files; returns the summary
+    (as written by --json) with the per-segment costs under "per_segment"."""
+    validate(args)
+    test = policy_scorer(args.model_path) if args.model_path else controller_scorer(args.controller)
+    baseline = None if args.baseline == "none" else controller_scorer(args.baseline)
+    if baseline is not None and baseline.name == test.name:
+        baseline.name += " (baseline)"
+    segments = te.load_segments(te.resolve_data_path(args.data_path), progress=args.progress)
+    if len(segments) < args.num_segs:
+        print(f"note: only {len(segments)} segments found; scoring all of them (--num-segs {args.num_segs})",
+              file=sys.stderr)
+    segments = segments.subset(np.arange(min(args.num_segs, len(segments))))
+    model = te.TinyPhysicsModel(te.resolve_model_path(args.sim_model_path), threads=args.threads)
+    show = args.progress and sys.stderr.isatty()
+
+    scorers = [test] + ([baseline] if baseline else [])
+    results = {s.name: score(s, model, segments, args.batch_size, show) for s in scorers}
+    table = summary_table(results)
+    print(table.to_string(float_format=lambda x: f"{x:.4f}"))
+    summary = {"segments": len(segments), "first_segment": segments.names[0], "last_segment": segments.names[-1],
+               "controllers": {name: {"segments": int(row.segments), **{k: row[k] for k in COST_KEYS}}
+                               for name, row in table.iterrows()},
+               "test": test.name, "baseline": baseline.name if baseline else None}
+    if baseline:
+        summary["beat_baseline"] = bool(table.loc[test.name, "total_cost"] < table.loc[baseline.name, "total_cost"])
+
+    if args.results_csv:
+        write_text_atomic(args.results_csv, results_frame(results, segments.names).to_csv(index=False))
+    if args.json:
+        write_text_atomic(args.json, json.dumps(summary, indent=2))
+    if args.report:
+        shown = segments.subset(np.arange(min(3, len(segments))))
+        rollouts = {s.name: sample_rollouts(s, model, shown) for s in scorers}
+        write_text_atomic(args.report, report_html(table, results, rollouts, shown.names, test.name,
+                                                   baseline.name if baseline else None))
+    if args.export_controller:
+        py, npz = export_controller(args.model_path, args.export_controller)
+        print(f"exported {py} and {npz}")
+    return {**summary, "per_segment": results}
+
+
+if __name__ == "__main__":
+    te.run_cli(lambda: evaluate_cli(tyro.cli(Args)))

@@ -1,0 +1,199 @@
+"""ppo_lateral.py: artifacts, GAE, resume, determinism, compile, argument checks, signals."""
+
+import dataclasses
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+import ppo_lateral as pl
+import tinyphysics_env as te
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def tiny(tmp_path, model_path, real_data):
+    """A few-hundred-step run on synthetic segments, evaluated on 2 real ones."""
+
+    def make(**overrides) -> pl.Args:
+        base = dict(sim_model_path=str(model_path), eval_data_path=str(real_data), synthetic_train=16,
+                    eval_segments=2, num_envs=4, num_steps=20, total_timesteps=320, num_minibatches=2,
+                    update_epochs=2, bc_segments=4, bc_epochs=1, eval_every=160, checkpoint_every=160,
+                    runs_dir=str(tmp_path / "runs"), progress=False)
+        return pl.Args(**{**base, **overrides})
+
+    return make
+
+
+def _stats(run_dir: Path) -> dict:
+    with np.load(run_dir / "training_stats.npz") as f:
+        return {k: f[k] for k in f.files}
+
+
+def test_tiny_run_writes_every_artifact(tiny):
+    run_dir = pl.train(tiny())
+    for name in ("final_model.pt", "best_model.pt", "training_stats.npz"):
+        assert (run_dir / name).is_file(), name
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["checkpoint_160.pt", "checkpoint_320.pt"]
+    assert not list(run_dir.rglob("*.part"))
+
+    stats = _stats(run_dir)
+    assert set(stats) == set(pl.STAT_KEYS)
+    np.testing.assert_array_equal(stats["global_step"], [0, 80, 160, 240, 320])  # row 0: before any update
+    assert np.isfinite(stats["eval_total_cost"][[0, 2, 4]]).all() and np.isnan(stats["eval_total_cost"][[1, 3]]).all()
+    assert np.all(stats["sps"][1:] > 0) and np.isfinite(stats["policy_loss"][1:]).all()
+
+    events = EventAccumulator(str(run_dir))
+    events.Reload()
+    scalars = set(events.Tags()["scalars"])
+    for tag in ("charts/SPS", "charts/learning_rate", "losses/policy_loss", "losses/value_loss", "losses/entropy",
+                "losses/approx_kl", "losses/clipfrac", "losses/explained_variance", "eval/total_cost",
+                "eval/lataccel_cost", "eval/jerk_cost", "bc/actor_mse"):
+        assert tag in scalars, tag
+    assert any("hyperparameters" in t for t in events.Tags()["tensors"])
+
+    # The checkpoint describes its own policy: rebuilt without any Args, it scores as training said.
+    agent, checkpoint = pl.load_agent(run_dir / "final_model.pt")
+    assert checkpoint["global_step"] == 320 and "optimizer" not in checkpoint
+    model = te.TinyPhysicsModel(tiny().sim_model_path)
+    held_out = te.load_segments(tiny().eval_data_path).subset([0, 1])
+    assert pl.evaluate(agent, model, held_out)["total_cost"].mean() == pytest.approx(stats["eval_total_cost"][-1],
+                                                                                     rel=1e-12)
+
+
+def test_episodic_costs_are_logged_when_episodes_end(tiny):
+    stats = _stats(pl.train(tiny(num_steps=100, total_timesteps=1600, eval_every=10**9, checkpoint_every=10**9)))
+    ended = np.isfinite(stats["episodic_total_cost"])
+    np.testing.assert_array_equal(stats["global_step"][ended], [1600])  # 400 steps per episode, 4 envs
+    assert stats["episodic_total_cost"][ended][0] > 0
+
+
+def test_gae_by_hand():
+    """2 envs, 3 steps, gamma 0.9, lambda 0.8. Env 0: its episode ends after step 0 (dones[1] = 1) and the
+    rollout is cut mid-episode (bootstrapped). Env 1: its episode ends after the last step (next_done = 1)."""
+    gamma, lam = 0.9, 0.8
+    rewards = torch.tensor([[1.0, 0.5], [2.0, 0.0], [3.0, 1.0]])
+    values = torch.tensor([[0.5, 1.0], [1.0, 2.0], [1.5, 0.5]])
+    dones = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 0.0]])
+    next_value, next_done = torch.tensor([4.0, 9.0]), torch.tensor([0.0, 1.0])
+    advantages, returns = pl.compute_gae(rewards, values, dones, next_value, next_done, gamma, lam)
+
+    # env 0: step 2 bootstraps from next_value; step 0 stops at the episode end.
+    d2 = 3.0 + gamma * 4.0 - 1.5
+    d1 = 2.0 + gamma * 1.5 - 1.0
+    d0 = 1.0 - 0.5
+    a0 = [d0, d1 + gamma * lam * d2, d2]
+    # env 1: nothing is bootstrapped past the terminal step.
+    e2 = 1.0 - 0.5
+    e1 = 0.0 + gamma * 0.5 - 2.0
+    e0 = 0.5 + gamma * 2.0 - 1.0
+    a1 = [e0 + gamma * lam * (e1 + gamma * lam * e2), e1 + gamma * lam * e2, e2]
+    np.testing.assert_allclose(advantages.numpy(), np.array([a0, a1]).T, rtol=1e-6)
+    np.testing.assert_allclose(returns.numpy(), advantages.numpy() + values.numpy(), rtol=1e-6)
+
+
+def _weights(path: Path) -> dict:
+    return torch.load(path, weights_only=False)["agent"]
+
+
+def _same_stats(a: dict, b: dict) -> None:
+    for key in pl.STAT_KEYS:
+        if key != "sps":  # wall-clock, the only thing allowed to differ
+            np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+def test_same_seed_gives_identical_runs(tiny):
+    a, b = pl.train(tiny(exp_name="a")), pl.train(tiny(exp_name="b"))
+    _same_stats(_stats(a), _stats(b))
+    for k, v in _weights(a / "final_model.pt").items():
+        assert torch.equal(v, _weights(b / "final_model.pt")[k]), k
+    different = pl.train(tiny(exp_name="c", seed=2))
+    assert not np.array_equal(_stats(a)["value_loss"][1:], _stats(different)["value_loss"][1:])
+
+
+def test_resume_matches_the_uninterrupted_run(tiny):
+    """Checkpoints fall mid-episode (400-step episodes, 20-step rollouts), so the env state is restored too."""
+    full = pl.train(tiny(total_timesteps=640, checkpoint_every=240))
+    expected_stats, expected_weights = _stats(full), _weights(full / "final_model.pt")
+    middle = full / "checkpoints" / "checkpoint_240.pt"
+    state = torch.load(middle, weights_only=False)
+    assert state["iteration"] == 3 and state["env"]["t"] not in (te.CONTROL_START_IDX, te.COST_END_IDX)
+    resumed = pl.train(dataclasses.replace(tiny(), resume=str(middle)))  # its saved Args are used
+    assert resumed == full
+    _same_stats(expected_stats, _stats(resumed))
+    for k, v in expected_weights.items():
+        assert torch.equal(v, _weights(resumed / "final_model.pt")[k]), k
+
+
+def test_compile_runs_on_cpu(tiny):
+    stats = _stats(pl.train(tiny(compile=True, total_timesteps=160, bc_segments=0)))
+    assert np.isfinite(stats["policy_loss"][1:]).all() and np.isfinite(stats["eval_total_cost"][-1])
+
+
+def test_numpy_policy_mirrors_the_torch_agent():
+    """numpy_policy (official scoring, export) and the torch agent (training) map observations to the same steer."""
+    obs = np.random.default_rng(0).normal(0, 1, (50, te.OBS_DIM)).astype(np.float32)
+    for mode in ("delta", "absolute"):
+        agent = pl.Agent(te.OBS_DIM, 16, mode, 0.25)
+        torch.nn.init.normal_(agent.actor_mean[-1].weight, std=0.5)  # a policy whose actions are not all ~0
+        x = torch.as_tensor(obs)
+        with torch.no_grad():
+            expected = agent.to_steer(x, agent.actor_mean(agent.normalize(x))).double().numpy()
+        steer = pl.numpy_policy(agent.numpy_params(), obs)
+        np.testing.assert_allclose(steer, expected, atol=1e-5)  # torch runs in float32, numpy_policy in float64
+        assert np.ptp(steer) > 0.1
+
+
+def _cli(tmp_path, *flags, **kwargs):
+    env = {**os.environ, "TINYPHYSICS_CACHE": os.environ["TINYPHYSICS_CACHE"]}
+    return subprocess.run([sys.executable, str(ROOT / "ppo_lateral.py"), *flags], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300, **kwargs)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--num-envs", "0"], "--num-envs 0: need at least 1"),
+    (["--num-minibatches", "3"], "does not divide the batch"),
+    (["--num-envs", "32"], "more than the 16 training segments"),
+    (["--total-timesteps", "10"], "less than one batch"),
+])
+def test_bad_arguments_are_refused_before_any_work(tmp_path, model_path, real_data, flags, message):
+    base = ["--sim-model-path", str(model_path), "--eval-data-path", str(real_data), "--synthetic-train", "16",
+            "--num-envs", "4", "--num-steps", "20", "--no-progress"]
+    result = _cli(tmp_path, *base, *flags)
+    assert result.returncode == 2
+    assert message in result.stderr and result.stderr.count("\n") == 1, result.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_missing_model_is_a_one_line_error(tmp_path, real_data):
+    result = _cli(tmp_path, "--sim-model-path", "/nope.onnx", "--data-path", str(real_data))
+    assert result.returncode == 2 and result.stderr.strip() == (
+        "error: --sim-model-path=/nope.onnx: no such file; point it at tinyphysics.onnx")
+
+
+def test_sigterm_writes_a_checkpoint_that_resumes(tmp_path, model_path, real_data):
+    flags = ["--sim-model-path", str(model_path), "--eval-data-path", str(real_data), "--synthetic-train", "16",
+             "--eval-segments", "1", "--num-envs", "4", "--num-steps", "20", "--total-timesteps", "40000",
+             "--bc-segments", "0", "--num-minibatches", "2", "--eval-every", "100000", "--no-progress"]
+    env = {**os.environ}
+    proc = subprocess.Popen([sys.executable, str(ROOT / "ppo_lateral.py"), *flags], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not list((tmp_path / "runs").glob("*/training_stats.npz")) and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, stderr
+    checkpoints = list((tmp_path / "runs").glob("*/checkpoints/*.pt"))
+    assert len(checkpoints) == 1 and "resume with --resume" in stderr
+    state = torch.load(checkpoints[0], weights_only=False)
+    assert 0 < state["global_step"] < 40000
+    assert not list((tmp_path / "runs").rglob("*.part"))
