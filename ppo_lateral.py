@@ -109,6 +109,9 @@ class Args:
     """stop the epochs of an update early when approx_kl exceeds this"""
     reward_scale: float = 0.1
     """rewards (minus the official per-step cost) are multiplied by this"""
+    expected_reward: bool = False
+    """pay each step's expected cost over the simulator's sampling instead of the sampled one (same
+    objective, less noise)"""
 
     # Control design
     action_mode: Literal["delta", "absolute"] = "delta"
@@ -467,7 +470,8 @@ def train(args: Args, on_iteration: Callable[[dict], None] | None = None) -> Pat
         raise te.TinyPhysicsError(f"--num-envs {args.num_envs} is more than the {len(train_segments)} training "
                                   "segments; use fewer envs or more segments")
     model = te.TinyPhysicsModel(model_path, threads=args.threads)
-    envs = te.TinyPhysicsVectorEnv(args.num_envs, segments=train_segments, model=model, autoreset_mode="same_step")
+    envs = te.TinyPhysicsVectorEnv(args.num_envs, segments=train_segments, model=model, autoreset_mode="same_step",
+                                   expected_reward=args.expected_reward)
 
     random.seed(args.seed)
     np.random.seed(args.seed)

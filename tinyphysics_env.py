@@ -535,10 +535,12 @@ class TinyPhysicsSim:
     NOT official-exact (the sampled noise differs), which is what training wants.
     """
 
-    def __init__(self, model: TinyPhysicsModel, official_rng: bool = True, seed: int | None = None):
+    def __init__(self, model: TinyPhysicsModel, official_rng: bool = True, seed: int | None = None,
+                 expected_reward: bool = False):
         self.model = model
         self.official_rng = official_rng
         self.rng = np.random.default_rng(seed)
+        self.expected_reward = expected_reward
 
     def reset(self, segments: Segments) -> None:
         """Load a batch of segments and fill steps 0..19 from the data."""
@@ -551,6 +553,9 @@ class TinyPhysicsSim:
         self.actions[:, :CONTEXT_LENGTH] = self.data["steer_command"][:, :CONTEXT_LENGTH]
         self.current[:, :CONTEXT_LENGTH] = self.target[:, :CONTEXT_LENGTH]
         self.uniforms = official_uniforms(segments.names) if self.official_rng else None
+        # Mean and variance of each step's clipped prediction, for `expected_reward`.
+        self.pred_mean = np.zeros((b, COST_END_IDX))
+        self.pred_var = np.zeros((b, COST_END_IDX))
         self.t = CONTEXT_LENGTH
 
     @property
@@ -570,7 +575,14 @@ class TinyPhysicsSim:
         else:
             self.actions[:, t] = np.clip(action, *STEER_RANGE)
             previous = self.current[:, t - 1]
-            self.current[:, t] = np.clip(self._predict(t), previous - MAX_ACC_DELTA, previous + MAX_ACC_DELTA)
+            low, high = previous - MAX_ACC_DELTA, previous + MAX_ACC_DELTA
+            probs = self._probs(t)
+            self.current[:, t] = np.clip(decode(sample_tokens(probs, self._uniforms(t))), low, high)
+            if self.expected_reward:
+                outcomes = np.clip(BINS, low[:, None], high[:, None])
+                p = probs.astype(np.float64)
+                self.pred_mean[:, t] = np.sum(p * outcomes, axis=1)
+                self.pred_var[:, t] = np.maximum(np.sum(p * outcomes**2, axis=1) - self.pred_mean[:, t] ** 2, 0.0)
         self.t = t + 1
 
     def warm_up(self) -> None:
@@ -578,22 +590,32 @@ class TinyPhysicsSim:
         while self.t < CONTROL_START_IDX:
             self.step(None)
 
-    def _predict(self, t: int) -> np.ndarray:
+    def _probs(self, t: int) -> np.ndarray:
         window = slice(t - CONTEXT_LENGTH + 1, t + 1)
         states = np.stack([self.actions[:, window], self.data["roll_lataccel"][:, window],
                            self.data["v_ego"][:, window], self.data["a_ego"][:, window]], axis=-1)
         tokens = encode(self.current[:, t - CONTEXT_LENGTH:t])
-        probs = softmax_probs(self.model.last_logits(states.astype(np.float32), tokens.astype(np.int64)))
-        u = self.uniforms[:, t - CONTEXT_LENGTH] if self.official_rng else self.rng.random(len(probs))
-        return decode(sample_tokens(probs, u))
+        return softmax_probs(self.model.last_logits(states.astype(np.float32), tokens.astype(np.int64)))
+
+    def _uniforms(self, t: int) -> np.ndarray:
+        return self.uniforms[:, t - CONTEXT_LENGTH] if self.official_rng else self.rng.random(self.batch_size)
 
     def step_reward(self, t: int) -> np.ndarray:
-        """Minus step t's share of the official total cost (see `TinyPhysicsEnv`)."""
-        error = self.target[:, t] - self.current[:, t]
-        reward = -(LAT_ACCEL_COST_MULTIPLIER * 100.0 / COST_STEPS) * error**2
+        """Minus step t's share of the official total cost (see `TinyPhysicsEnv`).
+
+        With `expected_reward`, minus its expectation over the step's sampled prediction instead:
+        (target - m)^2 + var and ((m - current_{t-1})^2 + var) / dt^2 for the prediction's mean m and
+        variance var. Same expected return, without the sampling noise of the step itself."""
+        lat_weight, jerk_weight = LAT_ACCEL_COST_MULTIPLIER * 100.0 / COST_STEPS, 100.0 / (COST_STEPS - 1)
+        if self.expected_reward:
+            mean, var = self.pred_mean[:, t], self.pred_var[:, t]
+            reward = -lat_weight * ((self.target[:, t] - mean) ** 2 + var)
+            if t > CONTROL_START_IDX:
+                reward -= jerk_weight * ((mean - self.current[:, t - 1]) ** 2 + var) / DT**2
+            return reward
+        reward = -lat_weight * (self.target[:, t] - self.current[:, t]) ** 2
         if t > CONTROL_START_IDX:
-            jerk = (self.current[:, t] - self.current[:, t - 1]) / DT
-            reward -= (100.0 / (COST_STEPS - 1)) * jerk**2
+            reward -= jerk_weight * ((self.current[:, t] - self.current[:, t - 1]) / DT) ** 2
         return reward
 
     def costs(self) -> dict[str, np.ndarray]:
@@ -844,18 +866,21 @@ class TinyPhysicsVectorEnv(gym.vector.VectorEnv):
     with "same_step" the end step already returns the next episode's first observation, the
     last one being in info["final_obs"] and the end-of-episode info in info["final_info"].
     Training segments are drawn as a reshuffled cycle through the pool; reset(options={"segments":
-    [...]}) picks them explicitly (as evaluation does).
+    [...]}) picks them explicitly (as evaluation does). expected_reward=True pays each step's
+    expected cost over the simulator's sampling instead of the sampled one (see
+    `TinyPhysicsSim.step_reward`): the same objective with less noise; info costs stay the real ones.
     """
 
     def __init__(self, num_envs: int = 1, model_path: str | None = None, data_path: str | None = None,
                  segments: Segments | None = None, official_rng: bool = False, threads: int = 0,
-                 autoreset_mode: str | gym.vector.AutoresetMode = "next_step", model: TinyPhysicsModel | None = None):
+                 autoreset_mode: str | gym.vector.AutoresetMode = "next_step", model: TinyPhysicsModel | None = None,
+                 expected_reward: bool = False):
         if num_envs < 1:
             raise TinyPhysicsError(f"num_envs={num_envs}: need at least one environment")
         self.num_envs = num_envs
         self.model = model or TinyPhysicsModel(resolve_model_path(model_path), threads=threads)
         self.pool = segments if segments is not None else load_segments(resolve_data_path(data_path))
-        self.sim = TinyPhysicsSim(self.model, official_rng=official_rng)
+        self.sim = TinyPhysicsSim(self.model, official_rng=official_rng, expected_reward=expected_reward)
         if isinstance(autoreset_mode, str):
             autoreset_mode = gym.vector.AutoresetMode[autoreset_mode.upper()]
         if autoreset_mode == gym.vector.AutoresetMode.DISABLED:

@@ -160,3 +160,25 @@ def test_last_position_graph_gives_identical_logits(model, real_segments):
                        real_segments.a_ego[:, window]], axis=-1).astype(np.float32)
     tokens = te.encode(sim.current[:, 280:300])
     np.testing.assert_array_equal(model.last_logits(states, tokens), model.full_logits(states, tokens)[:, -1])
+
+
+def test_expected_reward_is_the_mean_of_the_sampled_reward(model, real_segments):
+    """At step 100 every copy of a segment has the same history, so the sampled rewards of many copies
+    average to the expected reward; at step 101 (jerk included) the same holds over the copies."""
+    n = 4000
+    copies = real_segments.subset([2] * n)
+    sampled, expected = te.TinyPhysicsSim(model, official_rng=False, seed=0), te.TinyPhysicsSim(
+        model, official_rng=False, seed=0, expected_reward=True)
+    for sim in (sampled, expected):
+        sim.reset(copies)
+        sim.warm_up()
+    for t in (100, 101):
+        steer = np.full(n, 0.1)
+        sampled.step(steer)
+        expected.step(steer)
+        np.testing.assert_array_equal(sampled.current, expected.current)  # same draws, same trajectories
+        r_sampled, r_expected = sampled.step_reward(t), expected.step_reward(t)
+        standard_error = r_sampled.std() / np.sqrt(n)
+        assert abs(r_sampled.mean() - r_expected.mean()) < 4 * standard_error, t
+        assert r_expected.std() < r_sampled.std()  # the step's own sampling noise is gone
+    assert len(set(expected.step_reward(100).tolist())) == 1
