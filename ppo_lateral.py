@@ -85,8 +85,8 @@ class Args:
     """Adam learning rate"""
     anneal_lr: bool = True
     """anneal the learning rate linearly to zero"""
-    gamma: float = 0.99
-    """discount factor"""
+    gamma: float = 0.9
+    """discount factor (measured at 1M steps: 0.9 beat 0.95 and 0.99; a step's steer matters for about a second)"""
     gae_lambda: float = 0.95
     """GAE lambda"""
     num_minibatches: int = 4

@@ -5,7 +5,6 @@ every step from 20, as tinyphysics.py runs it) on the same synthetic segments; m
     python benchmark/eval_speed.py --sim-model-path ../shared/tinyphysics/models/tinyphysics.onnx
 """
 
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -14,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import tyro
+from common import median_line
 
 import tinyphysics_env as te
 
@@ -47,10 +47,9 @@ def main(args: Args) -> None:
             for i in range(len(segments)):
                 te.reference_rollout(model, segments, i, te.PIDController())
             official.append(time.perf_counter() - start)
-    a, b = statistics.median(official), statistics.median(ours)
-    print(f"{args.num_segs} segments, pid, median of {args.repeats}")
-    print(f"official-style one-at-a-time loop: {a:.1f} s   runs: {', '.join(f'{x:.1f}' for x in official)}")
-    print(f"ppo_lateral_eval.py (command):     {b:.1f} s   runs: {', '.join(f'{x:.1f}' for x in ours)}")
+    a, official_line = median_line("official-style one-at-a-time loop (s):", official, ".1f")
+    b, ours_line = median_line("ppo_lateral_eval.py, whole command (s):", ours, ".1f")
+    print(f"{args.num_segs} segments, pid, median of {args.repeats}\n{official_line}\n{ours_line}")
     print(f"speed-up: {a / b:.1f}x")
 
 

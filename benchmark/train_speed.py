@@ -8,13 +8,13 @@ update), skipping the first iteration (warm-up, and compilation with --compile).
     python benchmark/train_speed.py --sim-model-path ../shared/tinyphysics/models/tinyphysics.onnx
 """
 
-import statistics
 import tempfile
 import time
 from dataclasses import dataclass
 
 import numpy as np
 import tyro
+from common import median_line
 
 import ppo_lateral as pl
 import tinyphysics_env as te
@@ -64,10 +64,9 @@ def main(args: Args) -> None:
         for _ in range(args.repeats):
             raw.append(raw_steps_per_second(envs, 400))
             trained.append(training_steps_per_second(args, folder + "/runs"))
-    r, t = statistics.median(raw), statistics.median(trained)
-    print(f"num_envs={args.num_envs} compile={args.compile} repeats={args.repeats}")
-    print(f"raw simulator (vector env, no policy): {r:,.0f} steps/s  runs: {', '.join(f'{x:,.0f}' for x in raw)}")
-    print(f"ppo_lateral.py training:               {t:,.0f} steps/s  runs: {', '.join(f'{x:,.0f}' for x in trained)}")
+    r, raw_line = median_line("raw simulator (vector env, no policy), steps/s:", raw, ",.0f")
+    t, train_line = median_line("ppo_lateral.py training, steps/s:", trained, ",.0f")
+    print(f"num_envs={args.num_envs} compile={args.compile} repeats={args.repeats}\n{raw_line}\n{train_line}")
     print(f"learner cost: {100 * (1 - t / r):.0f}% of the raw simulator's throughput")
 
 
