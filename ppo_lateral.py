@@ -558,6 +558,8 @@ def train(args: Args, on_iteration: Callable[[dict], None] | None = None) -> Pat
             episode_costs = []
 
             # Rollout
+            update_threads = torch.get_num_threads()
+            torch.set_num_threads(1)  # batch-64 policy steps: a second thread costs more than it brings
             for step in range(args.num_steps):
                 global_step += args.num_envs
                 obs[step], dones[step] = next_obs, next_done
@@ -573,6 +575,8 @@ def train(args: Args, on_iteration: Callable[[dict], None] | None = None) -> Pat
                 if "final_info" in infos:
                     episode_costs.append({k: infos["final_info"][k] for k in ("total_cost", "lataccel_cost",
                                                                                "jerk_cost")})
+
+            torch.set_num_threads(update_threads)
 
             # GAE
             with torch.no_grad():
