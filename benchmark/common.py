@@ -2,8 +2,15 @@
 
 import statistics
 
+Runs = tuple[str, list[float]]
 
-def median_line(label: str, runs: list[float], fmt: str) -> tuple[float, str]:
-    """The median of runs and a report line giving it and every run, formatted with fmt (e.g. ',.0f')."""
-    median = statistics.median(runs)
-    return median, f"{label} {median:{fmt}}   runs: {', '.join(f'{x:{fmt}}' for x in runs)}"
+
+def compare(header: str, first: Runs, second: Runs, fmt: str) -> tuple[float, float]:
+    """Print header, then each (label, runs) with its median and every run formatted with fmt (e.g.
+    ',.0f'); return the two medians."""
+    print(header)
+    medians = []
+    for label, runs in (first, second):
+        medians.append(statistics.median(runs))
+        print(f"{label} {medians[-1]:{fmt}}   runs: {', '.join(f'{x:{fmt}}' for x in runs)}")
+    return medians[0], medians[1]

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import tyro
-from common import median_line
+from common import compare
 
 import tinyphysics_env as te
 
@@ -47,9 +47,9 @@ def main(args: Args) -> None:
             for i in range(len(segments)):
                 te.reference_rollout(model, segments, i, te.PIDController())
             official.append(time.perf_counter() - start)
-    a, official_line = median_line("official-style one-at-a-time loop (s):", official, ".1f")
-    b, ours_line = median_line("ppo_lateral_eval.py, whole command (s):", ours, ".1f")
-    print(f"{args.num_segs} segments, pid, median of {args.repeats}\n{official_line}\n{ours_line}")
+    a, b = compare(f"{args.num_segs} segments, pid, median of {args.repeats}",
+                   ("official-style one-at-a-time loop (s):", official),
+                   ("ppo_lateral_eval.py, whole command (s):", ours), ".1f")
     print(f"speed-up: {a / b:.1f}x")
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import tyro
-from common import median_line
+from common import compare
 
 import ppo_lateral as pl
 import tinyphysics_env as te
@@ -64,9 +64,9 @@ def main(args: Args) -> None:
         for _ in range(args.repeats):
             raw.append(raw_steps_per_second(envs, 400))
             trained.append(training_steps_per_second(args, folder + "/runs"))
-    r, raw_line = median_line("raw simulator (vector env, no policy), steps/s:", raw, ",.0f")
-    t, train_line = median_line("ppo_lateral.py training, steps/s:", trained, ",.0f")
-    print(f"num_envs={args.num_envs} compile={args.compile} repeats={args.repeats}\n{raw_line}\n{train_line}")
+    r, t = compare(f"num_envs={args.num_envs} compile={args.compile} repeats={args.repeats}",
+                   ("raw simulator (vector env, no policy), steps/s:", raw),
+                   ("ppo_lateral.py training, steps/s:", trained), ",.0f")
     print(f"learner cost: {100 * (1 - t / r):.0f}% of the raw simulator's throughput")
 
 
