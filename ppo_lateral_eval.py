@@ -109,24 +109,24 @@ def results_frame(results: dict[str, dict[str, np.ndarray]], names: list[str]) -
                       for name, c in results.items()], ignore_index=True)
 
 
+def _figure(rows: int, cols: int, size: tuple[float, float], **kw):
+    """A figure outside pyplot, so that a report leaves the caller's plotting backend (a notebook's) alone."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=size)
+    return fig, fig.subplots(rows, cols, **kw)
+
+
 def _png(fig) -> str:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=90, bbox_inches="tight")
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
     return base64.b64encode(buffer.getvalue()).decode()
 
 
 def report_html(table: pd.DataFrame, results: dict, rollouts: dict, names: list[str], test: str,
                 baseline: str | None) -> str:
     """A self-contained page: summary table, cost histograms, sample rollouts, verdict."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(15, 3.6))
+    fig, axes = _figure(1, 3, (15, 3.6))
     for ax, key in zip(axes, COST_KEYS):
         top = max(np.quantile(c[key], 0.99) for c in results.values())
         for name, c in results.items():
@@ -138,7 +138,7 @@ def report_html(table: pd.DataFrame, results: dict, rollouts: dict, names: list[
 
     samples = []
     for i, segment in enumerate(names):
-        fig, (top_ax, bottom_ax) = plt.subplots(2, 1, figsize=(11, 5), sharex=True)
+        fig, (top_ax, bottom_ax) = _figure(2, 1, (11, 5), sharex=True)
         steps = np.arange(te.CONTROL_START_IDX, te.COST_END_IDX)
         first = next(iter(rollouts.values()))
         top_ax.plot(steps, first["target"][i], color="black", lw=1.6, label="target")
