@@ -30,10 +30,13 @@ class Args:
     seeds: tuple[int, ...] = (1, 2, 3)
     """one training run per seed"""
     total_timesteps: int = 1_000_000
+    """steps per training run (the headline command's)"""
     num_envs: int = 64
+    """parallel segments (the headline command's)"""
     synthetic_train: int = 5000
     """synthetic training segments"""
     eval_every: int = 50_000
+    """evaluate every this many steps (finer than the script's default, for the curve)"""
     extra: tuple[str, ...] = ()
     """further ppo_lateral.py flags, e.g. --extra --update-epochs 8"""
     name: str = "headline"
