@@ -304,20 +304,8 @@ def load_agent(path: str | Path, device: str | torch.device = "cpu") -> tuple[Ag
     return agent, checkpoint
 
 
-def save_atomic(path: Path, write: Callable[[object], None]) -> None:
-    """write(file) into a temporary file, then rename it over path: no half-written file ever exists."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def save_checkpoint(obj: dict, path: Path) -> None:
-    save_atomic(path, lambda f: torch.save(obj, f))
+    te.write_atomic(path, lambda f: torch.save(obj, f))
 
 
 def policy_checkpoint(agent: Agent, **extra) -> dict:
@@ -640,7 +628,7 @@ def train(args: Args, on_iteration: Callable[[dict], None] | None = None) -> Pat
                 bar.set_postfix(eval_cost=f"{row['eval_total_cost']:.2f}", sps=f"{sps:.0f}")
             for key in STAT_KEYS:
                 stats[key].append(row[key])
-            save_atomic(run_dir / "training_stats.npz",
+            te.write_atomic(run_dir / "training_stats.npz",
                         lambda f: np.savez(f, **{k: np.asarray(v, dtype=np.float64) for k, v in stats.items()}))
             if crossed(global_step, batch_size, args.checkpoint_every) or stop.signum:
                 write_checkpoint(run_dir / "checkpoints" / f"checkpoint_{global_step}.pt", iteration)

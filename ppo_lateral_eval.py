@@ -173,7 +173,7 @@ td,th{{border:1px solid #ccc;padding:4px 10px;text-align:right}}img{{max-width:1
 
 
 def write_text_atomic(path: str, text: str) -> None:
-    pl.save_atomic(Path(path), lambda f: f.write(text.encode()))
+    te.write_atomic(Path(path), lambda f: f.write(text.encode()))
 
 
 # --- Export ------------------------------------------------------------------------------------
@@ -239,7 +239,7 @@ def export_controller(model_path: str, out_path: str) -> tuple[Path, Path]:
               "control_start": np.array(te.CONTROL_START_IDX), "history": np.array(te.OBS_HISTORY),
               "future_len": np.array(te.FUTURE_LEN), "steer_min": np.array(te.STEER_RANGE[0]),
               "steer_max": np.array(te.STEER_RANGE[1])}
-    pl.save_atomic(weights, lambda f: np.savez(f, **params))
+    te.write_atomic(weights, lambda f: np.savez(f, **params))
     source = CONTROLLER_TEMPLATE.format(weights=weights.name, stem=out.stem,
                                         policy_source=inspect.getsource(pl.numpy_policy))
     write_text_atomic(str(out), source)

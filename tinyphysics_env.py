@@ -94,31 +94,43 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "tinyphysics"
 
 
+def write_atomic(path: Path, write: Callable[[Any], None]) -> None:
+    """write(file) into a temporary file beside path, then rename it over path: a file that is there is
+    whole; on any failure nothing is left behind."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp_name, path)
+    finally:
+        Path(tmp_name).unlink(missing_ok=True)
+
+
 def download(url: str, dest: Path, sha256: str | None = None) -> Path:
     """Fetch url into dest with a progress bar; dest appears whole and verified, or not at all."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=dest.name + ".", suffix=".part")
-    tmp = Path(tmp_name)
-    try:
-        digest = hashlib.sha256()
-        with os.fdopen(fd, "wb") as f, urllib.request.urlopen(url, timeout=60) as resp:
+
+    def fetch(f) -> None:
+        digest, size = hashlib.sha256(), 0
+        with urllib.request.urlopen(url, timeout=60) as resp:
             total = int(resp.headers.get("Content-Length") or 0)
             with tqdm(total=total or None, unit="B", unit_scale=True, desc=f"downloading {dest.name}") as bar:
                 while chunk := resp.read(1 << 20):
                     f.write(chunk)
                     digest.update(chunk)
+                    size += len(chunk)
                     bar.update(len(chunk))
-        size = tmp.stat().st_size
         if total and size != total:
             raise TinyPhysicsError(f"download of {url} stopped at {size} of {total} bytes; run again")
         if sha256 and digest.hexdigest() != sha256:
             raise TinyPhysicsError(f"{url} has sha256 {digest.hexdigest()}, expected {sha256}; check the address")
-        os.replace(tmp, dest)
+
+    try:
+        write_atomic(dest, fetch)
     except (urllib.error.URLError, OSError) as e:
         raise TinyPhysicsError(f"could not download {url} ({e}); pass local files with "
                                "--sim-model-path / --data-path instead") from None
-    finally:
-        tmp.unlink(missing_ok=True)
     return dest
 
 
@@ -306,12 +318,8 @@ def _write_cache(cache: Path, key: str, arrays: np.ndarray, meta: dict) -> None:
         for old in cache.glob("segments-*"):
             old.unlink(missing_ok=True)
         # The .json goes last: its presence says the .npy beside it is complete.
-        writers = ((".npy", lambda f: np.save(f, arrays)), (".json", lambda f: f.write(json.dumps(meta).encode())))
-        for suffix, write in writers:
-            fd, tmp = tempfile.mkstemp(dir=cache, suffix=".part")
-            with os.fdopen(fd, "wb") as f:
-                write(f)
-            os.replace(tmp, cache / f"segments-{key}{suffix}")
+        write_atomic(cache / f"segments-{key}.npy", lambda f: np.save(f, arrays))
+        write_atomic(cache / f"segments-{key}.json", lambda f: f.write(json.dumps(meta).encode()))
     except OSError as e:
         print(f"note: segment cache not written ({e}); the next run reads the CSVs again", file=sys.stderr)
 
