@@ -49,7 +49,8 @@ class Args:
     cuda: bool = True
     """use CUDA for the agent when it is present"""
     compile: bool = False
-    """torch.compile the policy step and the PPO loss (works on CPU too; the first iteration compiles)"""
+    """torch.compile the policy step, the PPO loss and, with --sim-backend torch, the simulator model (works on
+    CPU too; the first iteration compiles)"""
     amp: bool = False
     """autocast to bfloat16 on CUDA; ignored on CPU"""
     progress: bool = True
@@ -73,6 +74,13 @@ class Args:
     """how many held-out segments each evaluation scores (the first ones in sorted order)"""
     threads: int = 0
     """ONNX Runtime threads for the simulator (0: one per core)"""
+    sim_backend: Literal["auto", "onnx", "torch"] = "auto"
+    """simulator model: onnx (ONNX Runtime), torch (plain-torch port on the agent's device, sampling there
+    too), auto (measured fastest: onnx on CPU, torch on CUDA)"""
+    sim_precision: Literal["fp32", "tf32", "bf16"] = "fp32"
+    """torch backend: tf32/bf16 speed up training steps on GPUs but are not score-exact (evaluation stays fp32)"""
+    cuda_graphs: bool = False
+    """torch backend on CUDA: capture the per-step simulator call as a CUDA graph (torch.compile reduce-overhead)"""
 
     # Algorithm
     total_timesteps: int = 1_000_000
@@ -159,6 +167,10 @@ def validate(args: Args) -> None:
 
 
 # --- Environments ------------------------------------------------------------------------------
+def pick_device(cuda: bool) -> torch.device:
+    return torch.device("cuda" if cuda and torch.cuda.is_available() else "cpu")
+
+
 def load_splits(args: Args) -> tuple[te.Segments, te.Segments]:
     """(training, held-out evaluation) segments as the arguments ask."""
     if args.synthetic_train:
@@ -357,7 +369,7 @@ def behaviour_clone(agent: Agent, sim: te.TinyPhysicsSim, segments: te.Segments,
 
 
 # --- Evaluation ------------------------------------------------------------------------------
-def evaluate(agent: Agent, model: te.TinyPhysicsModel, segments: te.Segments, batch_size: int = 1024,
+def evaluate(agent: Agent, model: te.SimModel, segments: te.Segments, batch_size: int = 1024,
              progress: bool = False) -> dict[str, np.ndarray]:
     """Official-exact costs of the deterministic policy (mean action) on these segments."""
     sim = te.TinyPhysicsSim(model, official_rng=True)
@@ -457,7 +469,12 @@ def train(args: Args, on_iteration: Callable[[dict], None] | None = None) -> Pat
     if args.num_envs > len(train_segments):
         raise te.TinyPhysicsError(f"--num-envs {args.num_envs} is more than the {len(train_segments)} training "
                                   "segments; use fewer envs or more segments")
-    model = te.TinyPhysicsModel(model_path, threads=args.threads)
+    device = pick_device(args.cuda)
+    model = te.load_sim_model(model_path, args.sim_backend, device.type, args.threads, args.sim_precision,
+                              args.compile, args.cuda_graphs)
+    # Scores are official-exact in fp32 only, so reduced-precision training evaluates with an fp32 twin.
+    eval_model = model if args.sim_precision == "fp32" else te.load_sim_model(
+        model_path, args.sim_backend, device.type, args.threads, "fp32", args.compile)
     envs = te.TinyPhysicsVectorEnv(args.num_envs, segments=train_segments, model=model, autoreset_mode="same_step",
                                    expected_reward=args.expected_reward)
 
@@ -465,7 +482,6 @@ def train(args: Args, on_iteration: Callable[[dict], None] | None = None) -> Pat
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
-    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     if args.amp and device.type != "cuda":
         print("note: --amp is ignored on CPU (autocast is used on CUDA only)", file=sys.stderr)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=args.amp and device.type == "cuda")
@@ -505,7 +521,7 @@ def train(args: Args, on_iteration: Callable[[dict], None] | None = None) -> Pat
             bc_idx = np.random.default_rng(args.seed).permutation(len(train_segments))[:args.bc_segments]
             for k, v in behaviour_clone(agent, bc_sim, train_segments.subset(bc_idx), args, device).items():
                 writer.add_scalar(k, v, 0)
-        initial = evaluate(agent, model, eval_segments)
+        initial = evaluate(agent, eval_model, eval_segments)
         for key in ("total_cost", "lataccel_cost", "jerk_cost"):
             writer.add_scalar(f"eval/{key}", float(initial[key].mean()), 0)
         best_eval = float(initial["total_cost"].mean())
@@ -547,7 +563,8 @@ def train(args: Args, on_iteration: Callable[[dict], None] | None = None) -> Pat
 
             # Rollout
             update_threads = torch.get_num_threads()
-            torch.set_num_threads(1)  # batch-64 policy steps: a second thread costs more than it brings
+            if isinstance(model, te.TinyPhysicsModel):  # the torch simulator wants every thread
+                torch.set_num_threads(1)  # batch-64 policy steps: a second thread costs more than it brings
             for step in range(args.num_steps):
                 global_step += args.num_envs
                 obs[step], dones[step] = next_obs, next_done
@@ -617,7 +634,7 @@ def train(args: Args, on_iteration: Callable[[dict], None] | None = None) -> Pat
 
             # Evaluation and checkpoints
             if crossed(global_step, batch_size, args.eval_every) or iteration == num_iterations:
-                costs = evaluate(agent, model, eval_segments)
+                costs = evaluate(agent, eval_model, eval_segments)
                 row["eval_total_cost"] = float(costs["total_cost"].mean())
                 for key in ("total_cost", "lataccel_cost", "jerk_cost"):
                     writer.add_scalar(f"eval/{key}", float(costs[key].mean()), global_step)

@@ -16,6 +16,7 @@ import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import pandas as pd
@@ -54,6 +55,11 @@ class Args:
     """segments simulated in lockstep"""
     threads: int = 0
     """ONNX Runtime threads (0: one per core)"""
+    sim_backend: Literal["auto", "onnx", "torch"] = "auto"
+    """simulator model: onnx, torch (the plain-torch port, sampling on its device), auto (onnx on CPU, torch on
+    CUDA); both give the official scores"""
+    cuda: bool = True
+    """run the torch simulator backend on CUDA when it is present"""
     progress: bool = True
     """show progress bars (only on a terminal)"""
 
@@ -81,7 +87,7 @@ def controller_scorer(name_or_file: str) -> Scorer:
     return Scorer(label, lambda sim, segs: te.rollout_controllers(sim, segs, controller))
 
 
-def score(scorer: Scorer, model: te.TinyPhysicsModel, segments: te.Segments, batch_size: int,
+def score(scorer: Scorer, model: te.SimModel, segments: te.Segments, batch_size: int,
           progress: bool = False) -> dict[str, np.ndarray]:
     """Official-exact per-segment costs, in batches."""
     sim = te.TinyPhysicsSim(model, official_rng=True)
@@ -89,7 +95,7 @@ def score(scorer: Scorer, model: te.TinyPhysicsModel, segments: te.Segments, bat
                                desc=f"scoring {scorer.name}")
 
 
-def sample_rollouts(scorer: Scorer, model: te.TinyPhysicsModel, segments: te.Segments) -> dict[str, np.ndarray]:
+def sample_rollouts(scorer: Scorer, model: te.SimModel, segments: te.Segments) -> dict[str, np.ndarray]:
     """Target, actual lateral acceleration and steer over the controlled steps, for plotting."""
     sim = te.TinyPhysicsSim(model, official_rng=True)
     scorer.rollout(sim, segments)
@@ -275,7 +281,8 @@ def evaluate_cli(args: Args) -> dict:
         print(f"note: only {len(segments)} segments found; scoring all of them (--num-segs {args.num_segs})",
               file=sys.stderr)
     segments = segments.subset(np.arange(min(args.num_segs, len(segments))))
-    model = te.TinyPhysicsModel(te.resolve_model_path(args.sim_model_path), threads=args.threads)
+    model = te.load_sim_model(te.resolve_model_path(args.sim_model_path), args.sim_backend,
+                              pl.pick_device(args.cuda).type, args.threads)
     show = args.progress and sys.stderr.isatty()
 
     scorers = [test] + ([baseline] if baseline else [])

@@ -480,6 +480,17 @@ class TinyPhysicsModel:
     def _run(session, states: np.ndarray, tokens: np.ndarray) -> np.ndarray:
         return session.run(None, {"states": states, "tokens": tokens})[0][:, -1]
 
+    def sample(self, states: np.ndarray, tokens: np.ndarray, uniforms: np.ndarray,
+               with_probs: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+        """Sampled next tokens [B] (and the probabilities [B, 1024] if asked) for float32 states
+        [B,20,4], int64 tokens [B,20] and one uniform in [0, 1) per row."""
+        probs = softmax_probs(self.last_logits(states, tokens))
+        return sample_tokens(probs, uniforms), (probs if with_probs else None)
+
+    @staticmethod
+    def uniform_stream(seed: int | None) -> UniformStream:
+        return UniformStream(seed)
+
 
 def _last_position_graph(path: Path) -> bytes:
     """The model's graph with a Slice of the last position inserted before its final MatMul (the output head)."""
@@ -498,6 +509,236 @@ def _last_position_graph(path: Path) -> bytes:
     head.input[0] = "last_pos_hidden"
     graph.output[0].type.tensor_type.shape.dim[1].dim_value = 1
     return model.SerializeToString()
+
+
+class UniformStream:
+    """Training-mode uniforms on the host: numpy's PCG64 (not the official per-segment streams)."""
+
+    def __init__(self, seed: int | None):
+        self.generator = np.random.default_rng(seed)
+
+    def random(self, n: int) -> np.ndarray:
+        return self.generator.random(n)
+
+    def get_state(self) -> Any:
+        return self.generator.bit_generator.state
+
+    def set_state(self, state: Any) -> None:
+        self.generator.bit_generator.state = state
+
+
+# --- The model in plain torch ------------------------------------------------------------------
+SIM_BACKENDS = ("auto", "onnx", "torch")
+SIM_PRECISIONS = ("fp32", "tf32", "bf16")
+LAYER_NORM_EPS = 1e-5  # the graph's layer norms add this before the square root
+
+
+def onnx_weights(path: str | Path) -> dict[str, np.ndarray]:
+    """The model's weights, read from the .onnx file and named by role.
+
+    The exporter numbered the matrices of its MatMul nodes (onnx::MatMul_540 ...); each is named
+    here after the node that uses it (h.0.attn.c_attn.weight, lm_head.weight for the output head),
+    so no number of this particular export is written down. The other initializers keep their
+    module names without the "transformer." prefix; the causal masks (attn.bias) are left out.
+    """
+    import onnx
+    from onnx import numpy_helper
+
+    graph = onnx.load(str(path)).graph
+    arrays = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    weights = {}
+    for node in graph.node:
+        if node.op_type == "MatMul" and node.input[1] in arrays:
+            role = "lm_head" if node.output[0] == "output" else node.output[0].strip("/").rsplit("/", 1)[0]
+            weights[role.replace("/", ".") + ".weight"] = arrays[node.input[1]]
+    for name, value in arrays.items():
+        if name.startswith("transformer.") and not name.endswith("attn.bias"):
+            weights[name.removeprefix("transformer.")] = value
+    return {k: np.array(v, order="C") for k, v in weights.items()}  # writable copies, for torch
+
+
+def attention_heads(path: str | Path) -> int:
+    """Number of attention heads, from the scale 1/sqrt(head width) the graph multiplies scores by."""
+    import onnx
+    from onnx import numpy_helper
+
+    graph = onnx.load(str(path)).graph
+    constants = {n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in graph.node if n.op_type == "Constant"}
+    scale = next(float(constants[n.input[1]]) for n in graph.node
+                 if n.op_type == "Mul" and n.input[0].endswith("/attn/MatMul_output_0"))
+    width = onnx_weights(path)["wp_embedding.weight"].shape[1]
+    return width // round(scale**-2)
+
+
+def gpt_last_logits(w: dict, states, tokens, heads: int):
+    """The tinyphysics GPT in plain torch: logits [B, 1024] of the last of the 20 positions.
+
+    Same operations as the graph: state projection (4 -> 64) next to the token embedding
+    (1024 x 64), plus a position embedding; pre-norm blocks of causal self-attention and a
+    tanh-GELU MLP; a final norm and the output head. The last block computes its query, its
+    MLP and the head for the last position only: nothing after it reads the other 19.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    x = torch.cat([states @ w["wt_embedding.weight"] + w["wt_embedding.bias"], w["wt2_embedding.weight"][tokens]], -1)
+    batch, length, width = x.shape
+    x = x + w["wp_embedding.weight"][:length]
+    layers = 1 + max(int(k.split(".")[1]) for k in w if k.startswith("h."))
+    for i in range(layers):
+        last = i == layers - 1
+        h = F.layer_norm(x, (width,), w[f"h.{i}.attn.layer_norm.weight"], w[f"h.{i}.attn.layer_norm.bias"],
+                         LAYER_NORM_EPS)
+        q, k, v = (h @ w[f"h.{i}.attn.c_attn.weight"]).split(width, -1)
+        if last:
+            q, x = q[:, -1:], x[:, -1:]
+        q, k, v = (z.reshape(batch, -1, heads, width // heads).transpose(1, 2) for z in (q, k, v))
+        # The last block's one query may see every position; the others see only earlier ones.
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=not last)
+        x = x + y.transpose(1, 2).reshape(batch, -1, width) @ w[f"h.{i}.attn.c_proj.weight"]
+        h = F.layer_norm(x, (width,), w[f"h.{i}.mlp.layer_norm.weight"], w[f"h.{i}.mlp.layer_norm.bias"],
+                         LAYER_NORM_EPS)
+        x = x + F.gelu(h @ w[f"h.{i}.mlp.c_fc.weight"], approximate="tanh") @ w[f"h.{i}.mlp.c_proj.weight"]
+    x = F.layer_norm(x[:, -1], (width,), w["layer_norm_f.weight"], w["layer_norm_f.bias"], LAYER_NORM_EPS)
+    return x @ w["lm_head.weight"]
+
+
+def torch_sample(logits, uniforms):
+    """SPEC.md's sampling on the logits' device: temperature softmax in float32, then the first
+    index whose float64 cumulative sum (normalised by its last element) exceeds the uniform."""
+    import torch
+
+    probs = torch.softmax(logits.float() / TEMPERATURE, dim=-1)
+    return torch_inverse_cdf(probs, uniforms), probs
+
+
+def torch_inverse_cdf(probs, uniforms):
+    """`sample_tokens` in torch: the number of normalised float64 cumulative sums <= u."""
+    import torch
+
+    cdf = torch.cumsum(probs.double(), dim=-1)
+    cdf = cdf / cdf[:, -1:]
+    return torch.searchsorted(cdf, uniforms.double().reshape(-1, 1).contiguous(), right=True)[:, 0]
+
+
+class TorchTinyPhysicsModel:
+    """The official model ported to plain torch (`gpt_last_logits`), with sampling on its device.
+
+    The weights come from the .onnx file itself. The logits equal ONNX Runtime's to about 1e-5,
+    not bit for bit, so a sampled token can differ where a uniform falls within that distance of a
+    bin edge; with the official uniforms the scores match the official ones (tested on every
+    asset segment). Only the sampled tokens (and, if asked, the probabilities) leave the device.
+
+    precision: fp32 (default, the one that is score-exact), tf32 (TF32 matmuls on CUDA; on CPU
+    the same as fp32) or bf16 (autocast): both faster on GPUs and NOT score-exact.
+    compile: torch.compile the model and sampler; cuda_graphs: compile with CUDA-graph capture
+    of the whole per-step call (mode="reduce-overhead"), CUDA only.
+    """
+
+    def __init__(self, path: str | Path, device: str = "cpu", precision: str = "fp32", compile: bool = False,
+                 cuda_graphs: bool = False):
+        import torch
+
+        if precision not in SIM_PRECISIONS:
+            raise TinyPhysicsError(f"--sim-precision {precision}: use one of {', '.join(SIM_PRECISIONS)}")
+        self.device = torch.device(device)
+        if cuda_graphs and self.device.type != "cuda":
+            raise TinyPhysicsError("--cuda-graphs needs a CUDA device: drop it, or run with --cuda on a GPU")
+        self.path = Path(path)
+        try:
+            self.heads = attention_heads(self.path)
+            self.weights = {k: torch.from_numpy(v).to(self.device) for k, v in onnx_weights(self.path).items()}
+        except Exception as e:  # onnx raises its own exception types for a bad file
+            raise TinyPhysicsError(f"{path}: not a loadable tinyphysics ONNX model ({type(e).__name__}); "
+                                   "pass the official tinyphysics.onnx with --sim-model-path") from None
+        self.precision = precision
+        if precision == "tf32":
+            torch.backends.cuda.matmul.allow_tf32 = True
+        self._step = self._eager_step
+        if compile or cuda_graphs:
+            self._step = torch.compile(self._eager_step, mode="reduce-overhead" if cuda_graphs else None)
+
+    def _eager_step(self, states, tokens, uniforms):
+        import torch
+
+        with torch.autocast(self.device.type, torch.bfloat16, enabled=self.precision == "bf16"):
+            logits = gpt_last_logits(self.weights, states, tokens, self.heads)
+        return torch_sample(logits, uniforms)
+
+    def _inputs(self, states: np.ndarray, tokens: np.ndarray):
+        import torch
+
+        return (torch.as_tensor(states, dtype=torch.float32).to(self.device, non_blocking=True),
+                torch.as_tensor(tokens, dtype=torch.int64).to(self.device, non_blocking=True))
+
+    def last_logits(self, states: np.ndarray, tokens: np.ndarray) -> np.ndarray:
+        """Logits (float32 numpy, [B, 1024]) of the last position, as `TinyPhysicsModel.last_logits`."""
+        import torch
+
+        with torch.inference_mode(), torch.autocast(self.device.type, torch.bfloat16,
+                                                    enabled=self.precision == "bf16"):
+            return gpt_last_logits(self.weights, *self._inputs(states, tokens), self.heads).float().cpu().numpy()
+
+    def sample(self, states: np.ndarray, tokens: np.ndarray, uniforms,
+               with_probs: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+        """As `TinyPhysicsModel.sample`; `uniforms` may be a numpy array or a tensor on the device."""
+        import torch
+
+        with torch.inference_mode():
+            u = torch.as_tensor(uniforms).to(self.device)
+            sampled, probs = self._step(*self._inputs(states, tokens), u)
+            return sampled.cpu().numpy(), (probs.cpu().numpy() if with_probs else None)
+
+    def uniform_stream(self, seed: int | None) -> TorchUniformStream:
+        return TorchUniformStream(seed, self.device)
+
+
+class TorchUniformStream:
+    """Training-mode uniforms drawn on the device by a torch generator."""
+
+    def __init__(self, seed: int | None, device):
+        import torch
+
+        self.generator = torch.Generator(device)
+        if seed is None:
+            self.generator.seed()
+        else:
+            self.generator.manual_seed(seed)
+
+    def random(self, n: int):
+        import torch
+
+        return torch.rand(n, generator=self.generator, device=self.generator.device, dtype=torch.float64)
+
+    def get_state(self) -> Any:
+        return self.generator.get_state()
+
+    def set_state(self, state: Any) -> None:
+        self.generator.set_state(state)
+
+
+SimModel = TinyPhysicsModel | TorchTinyPhysicsModel  # either backend: last_logits, sample, uniform_stream
+
+
+def default_sim_backend(device: str) -> str:
+    """Measured (benchmark/sim_speed.py): ONNX Runtime is about twice the plain torch port on a CPU;
+    on a GPU the torch port keeps the model and the sampling on the device."""
+    return "torch" if str(device).startswith("cuda") else "onnx"
+
+
+def load_sim_model(path: str | Path, backend: str = "auto", device: str = "cpu", threads: int = 0,
+                   precision: str = "fp32", compile: bool = False, cuda_graphs: bool = False):
+    """The simulator model of the chosen backend (auto: `default_sim_backend` of the device)."""
+    if backend not in SIM_BACKENDS:
+        raise TinyPhysicsError(f"--sim-backend {backend}: use one of {', '.join(SIM_BACKENDS)}")
+    if backend == "auto":
+        backend = default_sim_backend(device)
+    if backend == "torch":
+        return TorchTinyPhysicsModel(path, device=device, precision=precision, compile=compile,
+                                     cuda_graphs=cuda_graphs)
+    if precision != "fp32" or cuda_graphs:
+        raise TinyPhysicsError("--sim-precision and --cuda-graphs apply to --sim-backend torch only")
+    return TinyPhysicsModel(path, threads=threads, cuda=None if str(device).startswith("cuda") else False)
 
 
 def _torch_cuda_available() -> bool:
@@ -544,11 +785,11 @@ class TinyPhysicsSim:
     NOT official-exact (the sampled noise differs), which is what training wants.
     """
 
-    def __init__(self, model: TinyPhysicsModel, official_rng: bool = True, seed: int | None = None,
+    def __init__(self, model: SimModel, official_rng: bool = True, seed: int | None = None,
                  expected_reward: bool = False):
         self.model = model
         self.official_rng = official_rng
-        self.rng = np.random.default_rng(seed)
+        self.seed(seed)
         self.expected_reward = expected_reward
 
     def reset(self, segments: Segments) -> None:
@@ -585,8 +826,8 @@ class TinyPhysicsSim:
             self.actions[:, t] = np.clip(action, *STEER_RANGE)
             previous = self.current[:, t - 1]
             low, high = previous - MAX_ACC_DELTA, previous + MAX_ACC_DELTA
-            probs = self._probs(t)
-            self.current[:, t] = np.clip(decode(sample_tokens(probs, self._uniforms(t))), low, high)
+            sampled, probs = self._sample(t)
+            self.current[:, t] = np.clip(decode(sampled), low, high)
             if self.expected_reward:
                 outcomes = np.clip(BINS, low[:, None], high[:, None])
                 p = probs.astype(np.float64)
@@ -599,15 +840,18 @@ class TinyPhysicsSim:
         while self.t < CONTROL_START_IDX:
             self.step(None)
 
-    def _probs(self, t: int) -> np.ndarray:
+    def _sample(self, t: int) -> tuple[np.ndarray, np.ndarray | None]:
         window = slice(t - CONTEXT_LENGTH + 1, t + 1)
         states = np.stack([self.actions[:, window], self.data["roll_lataccel"][:, window],
                            self.data["v_ego"][:, window], self.data["a_ego"][:, window]], axis=-1)
         tokens = encode(self.current[:, t - CONTEXT_LENGTH:t])
-        return softmax_probs(self.model.last_logits(states.astype(np.float32), tokens.astype(np.int64)))
+        uniforms = self.uniforms[:, t - CONTEXT_LENGTH] if self.official_rng else self.rng.random(self.batch_size)
+        return self.model.sample(states.astype(np.float32), tokens.astype(np.int64), uniforms,
+                                 with_probs=self.expected_reward)
 
-    def _uniforms(self, t: int) -> np.ndarray:
-        return self.uniforms[:, t - CONTEXT_LENGTH] if self.official_rng else self.rng.random(self.batch_size)
+    def seed(self, seed: int | None) -> None:
+        """Restart the training-mode random stream (on the model's device for the torch backend)."""
+        self.rng = self.model.uniform_stream(seed)
 
     def step_reward(self, t: int) -> np.ndarray:
         """Minus step t's share of the official total cost (see `TinyPhysicsEnv`).
@@ -839,7 +1083,7 @@ class TinyPhysicsEnv(gym.Env):
     metadata = {"render_modes": []}
 
     def __init__(self, model_path: str | None = None, data_path: str | None = None, segments: Segments | None = None,
-                 official_rng: bool = False, threads: int = 0, model: TinyPhysicsModel | None = None):
+                 official_rng: bool = False, threads: int = 0, model: SimModel | None = None):
         self.model = model or TinyPhysicsModel(resolve_model_path(model_path), threads=threads)
         self.pool = segments if segments is not None else load_segments(resolve_data_path(data_path))
         self.sim = TinyPhysicsSim(self.model, official_rng=official_rng)
@@ -850,7 +1094,7 @@ class TinyPhysicsEnv(gym.Env):
         """options={"segment": i} picks segment i of the pool; otherwise one is drawn at random."""
         super().reset(seed=seed)
         if seed is not None:
-            self.sim.rng = np.random.default_rng(seed)
+            self.sim.seed(seed)
         index = (options or {}).get("segment", int(self.np_random.integers(len(self.pool))))
         self.sim.reset(self.pool.subset([index]))
         self.sim.warm_up()
@@ -882,7 +1126,7 @@ class TinyPhysicsVectorEnv(gym.vector.VectorEnv):
 
     def __init__(self, num_envs: int = 1, model_path: str | None = None, data_path: str | None = None,
                  segments: Segments | None = None, official_rng: bool = False, threads: int = 0,
-                 autoreset_mode: str | gym.vector.AutoresetMode = "next_step", model: TinyPhysicsModel | None = None,
+                 autoreset_mode: str | gym.vector.AutoresetMode = "next_step", model: SimModel | None = None,
                  expected_reward: bool = False):
         if num_envs < 1:
             raise TinyPhysicsError(f"num_envs={num_envs}: need at least one environment")
@@ -921,7 +1165,7 @@ class TinyPhysicsVectorEnv(gym.vector.VectorEnv):
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         super().reset(seed=seed)
         if seed is not None:
-            self.sim.rng = np.random.default_rng(seed)
+            self.sim.seed(seed)
             self._order = []
         segments = (options or {}).get("segments")
         if segments is not None and len(segments) != self.num_envs:
@@ -955,7 +1199,7 @@ class TinyPhysicsVectorEnv(gym.vector.VectorEnv):
     def state_dict(self) -> dict:
         """Everything needed to continue exactly where this env is (for resumable training)."""
         return {"indices": self._indices.copy(), "t": self.sim.t, "actions": self.sim.actions.copy(),
-                "current": self.sim.current.copy(), "sim_rng": self.sim.rng.bit_generator.state,
+                "current": self.sim.current.copy(), "sim_rng": self.sim.rng.get_state(),
                 "np_random": self.np_random.bit_generator.state, "order": list(self._order),
                 "needs_reset": self._needs_reset}
 
@@ -964,7 +1208,7 @@ class TinyPhysicsVectorEnv(gym.vector.VectorEnv):
         self.sim.reset(self.pool.subset(state["indices"]))
         self._indices = np.asarray(state["indices"])
         self.sim.t, self.sim.actions[:], self.sim.current[:] = state["t"], state["actions"], state["current"]
-        self.sim.rng.bit_generator.state = state["sim_rng"]
+        self.sim.rng.set_state(state["sim_rng"])
         self.np_random.bit_generator.state = state["np_random"]
         self._order, self._needs_reset = list(state["order"]), state["needs_reset"]
         return observe(self.sim)

@@ -60,16 +60,18 @@ def controllers_dir(tmp_path):
     return package
 
 
-def test_builtin_controllers_reproduce_the_official_costs(tmp_path, assets_flags, official_costs):
+@pytest.mark.parametrize("backend, rtol", [("onnx", 1e-9), ("torch", 1e-6)])
+def test_builtin_controllers_reproduce_the_official_costs(tmp_path, assets_flags, official_costs, backend, rtol):
     out = tmp_path / "costs.csv"
-    result = run_eval(tmp_path, *assets_flags, "--controller", "pid", "--baseline", "zero", "--results-csv", str(out))
+    result = run_eval(tmp_path, *assets_flags, "--controller", "pid", "--baseline", "zero", "--results-csv", str(out),
+                      "--sim-backend", backend)
     assert result.returncode == 0, result.stderr
     ours = pd.read_csv(out, dtype={"segment": str})
     assert list(ours.columns) == ["segment", "controller", "lataccel_cost", "jerk_cost", "total_cost"]
     merged = official_costs.merge(ours, on=["segment", "controller"], suffixes=("_official", ""))
     assert len(merged) == len(official_costs) == 20
     for key in ev.COST_KEYS:
-        np.testing.assert_allclose(merged[key], merged[f"{key}_official"], rtol=1e-9, atol=0)
+        np.testing.assert_allclose(merged[key], merged[f"{key}_official"], rtol=rtol, atol=0)
     assert "73.0616" in result.stdout and "559.0647" in result.stdout  # the summary table
 
 

@@ -163,6 +163,8 @@ def _cli(tmp_path, *flags, **kwargs):
     (["--num-minibatches", "3"], "does not divide the batch"),
     (["--num-envs", "32"], "more than the 16 training segments"),
     (["--total-timesteps", "10"], "less than one batch"),
+    (["--sim-backend", "torch", "--cuda-graphs"], "--cuda-graphs needs a CUDA device"),
+    (["--sim-backend", "onnx", "--sim-precision", "bf16"], "apply to --sim-backend torch only"),
 ])
 def test_bad_arguments_are_refused_before_any_work(tmp_path, model_path, real_data, flags, message):
     base = ["--sim-model-path", str(model_path), "--eval-data-path", str(real_data), "--synthetic-train", "16",
@@ -197,3 +199,26 @@ def test_sigterm_writes_a_checkpoint_that_resumes(tmp_path, model_path, real_dat
     state = torch.load(checkpoints[0], weights_only=False)
     assert 0 < state["global_step"] < 40000
     assert not list((tmp_path / "runs").rglob("*.part"))
+
+
+def test_training_with_the_torch_simulator(tiny):
+    """--sim-backend torch trains end to end; its evaluations are official-exact, so ONNX Runtime scores
+    the final policy the same."""
+    run_dir = pl.train(tiny(sim_backend="torch", total_timesteps=160))
+    stats = _stats(run_dir)
+    assert np.isfinite(stats["policy_loss"][1:]).all()
+    agent, _ = pl.load_agent(run_dir / "final_model.pt")
+    held_out = te.load_segments(tiny().eval_data_path).subset([0, 1])
+    onnx_cost = pl.evaluate(agent, te.TinyPhysicsModel(tiny().sim_model_path), held_out)["total_cost"].mean()
+    assert onnx_cost == pytest.approx(stats["eval_total_cost"][-1], rel=1e-6)
+
+
+def test_cli_trains_with_the_compiled_torch_simulator(tmp_path, model_path, real_data):
+    result = _cli(tmp_path, "--sim-model-path", str(model_path), "--eval-data-path", str(real_data),
+                  "--synthetic-train", "16", "--eval-segments", "1", "--num-envs", "4", "--num-steps", "20",
+                  "--total-timesteps", "80", "--num-minibatches", "2", "--bc-segments", "0", "--no-progress",
+                  "--sim-backend", "torch", "--compile")
+    assert result.returncode == 0, result.stderr
+    run_dir = Path(tmp_path / result.stdout.strip().splitlines()[-1])
+    assert (run_dir / "final_model.pt").is_file()
+    assert torch.load(run_dir / "final_model.pt", weights_only=False)["args"]["sim_backend"] == "torch"
