@@ -1,6 +1,7 @@
 """PPO for lateral control on the Controls Challenge v2 simulator, CleanRL-style, in one file.
 
     python ppo_lateral.py --num-envs 64 --total-timesteps 1000000
+    torchrun --nproc-per-node 2 ppo_lateral.py --num-envs 128   # data-parallel, 64 envs per process
 
 Reads top to bottom in the order PPO runs: arguments, environments, the agent, (optional)
 behaviour-cloning warm start, then per iteration: rollout, GAE, the clipped update, logging,
@@ -10,6 +11,7 @@ evaluation and checkpoints. The simulator facts live in tinyphysics_env.py.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 import random
 import signal
@@ -86,11 +88,13 @@ class Args:
     total_timesteps: int = 1_000_000
     """total environment steps"""
     num_envs: int = 64
-    """segments stepped in parallel"""
+    """segments stepped in parallel, over all processes: under torchrun each of the N processes steps
+    num_envs / N of them, so the batch per update (num_envs * num_steps) is global"""
     num_steps: int = 100
     """steps per environment per rollout (an episode is 400 steps)"""
     learning_rate: float = 3e-4
-    """Adam learning rate"""
+    """Adam learning rate (under torchrun applied to the gradient averaged over processes, so the same global
+    batch trains as one process would: do not scale it with the process count)"""
     anneal_lr: bool = True
     """anneal the learning rate linearly to zero"""
     gamma: float = 0.9
@@ -98,7 +102,8 @@ class Args:
     gae_lambda: float = 0.95
     """GAE lambda"""
     num_minibatches: int = 4
-    """minibatches per update epoch"""
+    """minibatches per update epoch (under torchrun each process splits its share the same way, and a global
+    minibatch is the union of theirs)"""
     update_epochs: int = 4
     """epochs over each batch (measured: 4 learns as well as 10 here, at 6,000 instead of 5,000 SPS)"""
     norm_adv: bool = True
@@ -142,16 +147,18 @@ class Args:
     """write a resumable checkpoint every this many steps"""
 
 
-def validate(args: Args) -> None:
-    """Refuse bad arguments before any work, with a one-line reason each."""
+def validate(args: Args, world: int = 1) -> None:
+    """Refuse bad arguments before any work, with a one-line reason each (world: processes under torchrun)."""
     checks = [
         (args.num_envs >= 1, f"--num-envs {args.num_envs}: need at least 1"),
+        (args.num_envs % world == 0, f"--num-envs {args.num_envs} does not split over {world} processes; use a "
+                                     "multiple of --nproc-per-node (times --nnodes)"),
         (args.num_steps >= 1, f"--num-steps {args.num_steps}: need at least 1"),
         (args.num_minibatches >= 1, f"--num-minibatches {args.num_minibatches}: need at least 1"),
         (args.update_epochs >= 1, f"--update-epochs {args.update_epochs}: need at least 1"),
-        ((args.num_envs * args.num_steps) % args.num_minibatches == 0,
-         f"--num-minibatches {args.num_minibatches} does not divide the batch of {args.num_envs * args.num_steps} "
-         "(num_envs * num_steps); pick a divisor"),
+        ((args.num_envs // world * args.num_steps) % args.num_minibatches == 0,
+         f"--num-minibatches {args.num_minibatches} does not divide the batch of "
+         f"{args.num_envs // world * args.num_steps} (num_envs * num_steps per process); pick a divisor"),
         (args.total_timesteps >= args.num_envs * args.num_steps,
          f"--total-timesteps {args.total_timesteps} is less than one batch ({args.num_envs * args.num_steps})"),
         (args.eval_segments >= 1, f"--eval-segments {args.eval_segments}: need at least 1"),
@@ -169,6 +176,58 @@ def validate(args: Args) -> None:
 # --- Environments ------------------------------------------------------------------------------
 def pick_device(cuda: bool) -> torch.device:
     return torch.device("cuda" if cuda and torch.cuda.is_available() else "cpu")
+
+
+# --- Data parallelism (torchrun) ------------------------------------------------------------------
+def init_distributed(cuda: bool) -> tuple[int, int, torch.device]:
+    """(rank, world size, device) from torchrun's environment; (0, 1, pick_device) without torchrun.
+
+    Each process owns one device (cuda:LOCAL_RANK with NCCL on GPUs, the CPU with gloo)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, pick_device(cuda)
+    device = pick_device(cuda)
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return torch.distributed.get_rank(), world, device
+
+
+def average_gradients(agent: nn.Module, world: int) -> None:
+    """All-reduce the gradients to their mean over processes, in one call over a flat buffer."""
+    grads = [p.grad for p in agent.parameters() if p.grad is not None]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    torch.distributed.all_reduce(flat)
+    flat /= world
+    for g, averaged in zip(grads, flat.split([g.numel() for g in grads])):
+        g.copy_(averaged.view_as(g))
+
+
+def mean_over_processes(values: list[float], world: int, device: torch.device) -> list[float]:
+    """Means over processes of a few floats (losses, costs, flags), so every process takes the same decisions."""
+    if world == 1:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(t)
+    return (t / world).tolist()
+
+
+def gather_objects(obj, world: int) -> list:
+    """obj from every process, in rank order (one process: [obj])."""
+    if world == 1:
+        return [obj]
+    out = [None] * world
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
+def weights_fingerprint(agent: nn.Module) -> str:
+    """sha256 of the parameters' bytes: equal on every process exactly when the replicas are identical."""
+    digest = hashlib.sha256()
+    for v in agent.state_dict().values():
+        digest.update(v.detach().cpu().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def load_splits(args: Args) -> tuple[te.Segments, te.Segments]:
@@ -463,19 +522,31 @@ def train(args: Args, on_iteration: Callable[[dict], None] | None = None) -> Pat
               file=sys.stderr)
 
     # Environments and held-out segments: cheap checks first, so bad input fails before any work
-    validate(args)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    validate(args, world)
+    if checkpoint and checkpoint.get("world_size", 1) != world:
+        raise te.TinyPhysicsError(f"{args.resume}: written by {checkpoint.get('world_size', 1)} processes; resume "
+                                  f"it with as many (torchrun --nproc-per-node), not {world}")
     model_path = te.resolve_model_path(args.sim_model_path)
+    rank, world, device = init_distributed(args.cuda)
+    if rank > 0:  # rank 0 writes the synthetic segments and the segment cache; the others then read them
+        torch.distributed.barrier()
     train_segments, eval_segments = load_splits(args)
-    if args.num_envs > len(train_segments):
-        raise te.TinyPhysicsError(f"--num-envs {args.num_envs} is more than the {len(train_segments)} training "
-                                  "segments; use fewer envs or more segments")
-    device = pick_device(args.cuda)
+    if rank == 0 and world > 1:
+        torch.distributed.barrier()
+    bc_segments = train_segments  # the warm start (on rank 0) sees them all, as in one process
+    if world > 1:  # a disjoint share of the training segments for each process
+        train_segments = train_segments.subset(np.arange(rank, len(train_segments), world))
+    num_envs = args.num_envs // world  # this process's environments
+    if num_envs > len(train_segments):
+        raise te.TinyPhysicsError(f"--num-envs {args.num_envs} is more than the {len(train_segments) * world} "
+                                  "training segments; use fewer envs or more segments")
     model = te.load_sim_model(model_path, args.sim_backend, device.type, args.threads, args.sim_precision,
                               args.compile, args.cuda_graphs)
     # Scores are official-exact in fp32 only, so reduced-precision training evaluates with an fp32 twin.
     eval_model = model if args.sim_precision == "fp32" else te.load_sim_model(
         model_path, args.sim_backend, device.type, args.threads, "fp32", args.compile)
-    envs = te.TinyPhysicsVectorEnv(args.num_envs, segments=train_segments, model=model, autoreset_mode="same_step",
+    envs = te.TinyPhysicsVectorEnv(num_envs, segments=train_segments, model=model, autoreset_mode="same_step",
                                    expected_reward=args.expected_reward)
 
     random.seed(args.seed)
@@ -487,16 +558,19 @@ def train(args: Args, on_iteration: Callable[[dict], None] | None = None) -> Pat
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=args.amp and device.type == "cuda")
 
     run_name = checkpoint["run_name"] if checkpoint else f"{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_name = gather_objects(run_name, world)[0]  # rank 0's clock names the one run folder
     run_dir = Path(args.runs_dir) / run_name
-    writer = SummaryWriter(str(run_dir))
-    if not checkpoint:
+    lead = rank == 0  # only rank 0 logs, evaluates and writes files
+    writer = SummaryWriter(str(run_dir)) if lead else None
+    if lead and not checkpoint:
         writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(
             f"|{k}|{v}|" for k, v in vars(args).items()))
 
     agent = Agent(te.OBS_DIM, args.hidden, args.action_mode, args.max_delta, args.init_logstd).to(device)
     optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5)
-    batch_size = args.num_envs * args.num_steps
-    minibatch_size = batch_size // args.num_minibatches
+    batch_size = args.num_envs * args.num_steps  # global: all processes together
+    local_batch_size = num_envs * args.num_steps  # this process's share
+    minibatch_size = local_batch_size // args.num_minibatches
     num_iterations = args.total_timesteps // batch_size
     stats = {k: [] for k in STAT_KEYS}
     best_eval, global_step, start_iteration = float("inf"), 0, 1
@@ -506,53 +580,65 @@ def train(args: Args, on_iteration: Callable[[dict], None] | None = None) -> Pat
         optimizer.load_state_dict(checkpoint["optimizer"])
         stats, best_eval = checkpoint["stats"], checkpoint["best_eval"]
         global_step, start_iteration = checkpoint["global_step"], checkpoint["iteration"] + 1
-        torch.set_rng_state(checkpoint["rng"]["torch"])
-        np.random.set_state(checkpoint["rng"]["numpy"])
-        random.setstate(checkpoint["rng"]["python"])
+        mine = checkpoint["ranks"][rank] if world > 1 else checkpoint  # this process's environments and RNGs
+        torch.set_rng_state(mine["rng"]["torch"])
+        np.random.set_state(mine["rng"]["numpy"])
+        random.setstate(mine["rng"]["python"])
         envs.reset(seed=args.seed)
-        next_obs = torch.as_tensor(envs.load_state_dict(checkpoint["env"]), device=device)
-        next_done = checkpoint["next_done"].to(device)
+        next_obs = torch.as_tensor(envs.load_state_dict(mine["env"]), device=device)
+        next_done = mine["next_done"].to(device)
     else:
-        next_obs, _ = envs.reset(seed=args.seed)
+        if world > 1:  # each process its own random streams (segments, simulator noise, actions, minibatches)
+            random.seed(args.seed + rank)
+            np.random.seed(args.seed + rank)
+            torch.manual_seed(args.seed + rank)
+        next_obs, _ = envs.reset(seed=args.seed + rank)
         next_obs = torch.as_tensor(next_obs, device=device)
-        next_done = torch.zeros(args.num_envs, device=device)
-        if args.bc_segments:
+        next_done = torch.zeros(num_envs, device=device)
+        if args.bc_segments and lead:
             bc_sim = te.TinyPhysicsSim(model, official_rng=False, seed=args.seed)
-            bc_idx = np.random.default_rng(args.seed).permutation(len(train_segments))[:args.bc_segments]
-            for k, v in behaviour_clone(agent, bc_sim, train_segments.subset(bc_idx), args, device).items():
+            bc_idx = np.random.default_rng(args.seed).permutation(len(bc_segments))[:args.bc_segments]
+            for k, v in behaviour_clone(agent, bc_sim, bc_segments.subset(bc_idx), args, device).items():
                 writer.add_scalar(k, v, 0)
-        initial = evaluate(agent, eval_model, eval_segments)
-        for key in ("total_cost", "lataccel_cost", "jerk_cost"):
-            writer.add_scalar(f"eval/{key}", float(initial[key].mean()), 0)
-        best_eval = float(initial["total_cost"].mean())
-        for key in STAT_KEYS:  # row 0: the starting policy, before any PPO update
-            stats[key].append({"global_step": 0, "eval_total_cost": best_eval}.get(key, np.nan))
-        save_checkpoint(policy_checkpoint(agent, args=dataclasses.asdict(args), global_step=0,
-                                          eval_total_cost=best_eval), run_dir / "best_model.pt")
+        if world > 1:  # every replica starts from rank 0's weights
+            for tensor in agent.state_dict().values():
+                torch.distributed.broadcast(tensor, src=0)
+        if lead:
+            initial = evaluate(agent, eval_model, eval_segments)
+            for key in ("total_cost", "lataccel_cost", "jerk_cost"):
+                writer.add_scalar(f"eval/{key}", float(initial[key].mean()), 0)
+            best_eval = float(initial["total_cost"].mean())
+            for key in STAT_KEYS:  # row 0: the starting policy, before any PPO update
+                stats[key].append({"global_step": 0, "eval_total_cost": best_eval}.get(key, np.nan))
+            save_checkpoint(policy_checkpoint(agent, args=dataclasses.asdict(args), global_step=0,
+                                              eval_total_cost=best_eval), run_dir / "best_model.pt")
 
     policy_step = torch.compile(agent.get_action_and_value) if args.compile else agent.get_action_and_value
     loss_fn = torch.compile(ppo_loss) if args.compile else ppo_loss
 
     # Rollout storage
-    obs = torch.zeros((args.num_steps, args.num_envs, te.OBS_DIM), device=device)
-    actions = torch.zeros((args.num_steps, args.num_envs, 1), device=device)
-    logprobs = torch.zeros((args.num_steps, args.num_envs), device=device)
-    rewards = torch.zeros((args.num_steps, args.num_envs), device=device)
-    dones = torch.zeros((args.num_steps, args.num_envs), device=device)
-    values = torch.zeros((args.num_steps, args.num_envs), device=device)
+    obs = torch.zeros((args.num_steps, num_envs, te.OBS_DIM), device=device)
+    actions = torch.zeros((args.num_steps, num_envs, 1), device=device)
+    logprobs = torch.zeros((args.num_steps, num_envs), device=device)
+    rewards = torch.zeros((args.num_steps, num_envs), device=device)
+    dones = torch.zeros((args.num_steps, num_envs), device=device)
+    values = torch.zeros((args.num_steps, num_envs), device=device)
 
     stop = _StopRequest()
     previous_handlers = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
-    show_bar = args.progress and sys.stderr.isatty()
+    show_bar = lead and args.progress and sys.stderr.isatty()
     bar = tqdm(total=num_iterations * batch_size, initial=global_step, unit="step", disable=not show_bar)
 
     def write_checkpoint(path: Path, iteration: int) -> None:
-        save_checkpoint(policy_checkpoint(
-            agent, optimizer=optimizer.state_dict(), args=dataclasses.asdict(args), run_name=run_name,
-            global_step=global_step, iteration=iteration, stats=stats, best_eval=best_eval,
-            env=envs.state_dict(), next_done=next_done.cpu(),
-            rng={"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
-        ), path)
+        """Called by every process: rank 0 writes its own and the others' environment and RNG states."""
+        states = gather_objects({"env": envs.state_dict(), "next_done": next_done.cpu(), "rng": {
+            "torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}}, world)
+        if lead:
+            per_rank = {"ranks": states, "world_size": world} if world > 1 else {}
+            save_checkpoint(policy_checkpoint(
+                agent, optimizer=optimizer.state_dict(), args=dataclasses.asdict(args), run_name=run_name,
+                global_step=global_step, iteration=iteration, stats=stats, best_eval=best_eval, **states[0],
+                **per_rank), path)
 
     try:
         for iteration in range(start_iteration, num_iterations + 1):
@@ -593,11 +679,11 @@ def train(args: Args, on_iteration: Callable[[dict], None] | None = None) -> Pat
             b_obs, b_actions = obs.reshape(-1, te.OBS_DIM), actions.reshape(-1, 1)
             b_logprobs, b_advantages = logprobs.reshape(-1), advantages.reshape(-1)
             b_returns, b_values = returns.reshape(-1), values.reshape(-1)
-            b_inds = np.arange(batch_size)
+            b_inds = np.arange(local_batch_size)
             clipfracs = []
             for _epoch in range(args.update_epochs):
                 np.random.shuffle(b_inds)
-                for start in range(0, batch_size, minibatch_size):
+                for start in range(0, local_batch_size, minibatch_size):
                     mb = torch.as_tensor(b_inds[start:start + minibatch_size], device=device)
                     with autocast:
                         loss, pg_loss, v_loss, entropy_loss, old_approx_kl, approx_kl, clipfrac = loss_fn(
@@ -607,33 +693,41 @@ def train(args: Args, on_iteration: Callable[[dict], None] | None = None) -> Pat
                     clipfracs.append(clipfrac.item())
                     optimizer.zero_grad()
                     loss.backward()
+                    if world > 1:
+                        average_gradients(agent, world)
                     nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
                     optimizer.step()
-                if args.target_kl is not None and approx_kl.item() > args.target_kl:
+                if args.target_kl is not None and mean_over_processes([approx_kl.item()], world, device)[0] > \
+                        args.target_kl:
                     break
 
-            # Logging
+            # Logging: means over processes (every process is equal in size), written by rank 0
             y_pred, y_true = b_values.cpu().numpy(), b_returns.cpu().numpy()
             var_y = np.var(y_true)
             explained_var = np.nan if var_y == 0 else 1 - np.var(y_true - y_pred) / var_y
-            sps = batch_size / (time.perf_counter() - iteration_start)
-            row = {"global_step": global_step, "policy_loss": pg_loss.item(), "value_loss": v_loss.item(),
-                   "entropy": entropy_loss.item(), "approx_kl": approx_kl.item(), "clipfrac": float(np.mean(clipfracs)),
-                   "explained_variance": float(explained_var), "learning_rate": optimizer.param_groups[0]["lr"],
-                   "sps": sps, "eval_total_cost": np.nan}
+            row = {"policy_loss": pg_loss.item(), "value_loss": v_loss.item(), "entropy": entropy_loss.item(),
+                   "approx_kl": approx_kl.item(), "clipfrac": float(np.mean(clipfracs)),
+                   "explained_variance": float(explained_var), "old_approx_kl": old_approx_kl.item()}
             for key in ("total_cost", "lataccel_cost", "jerk_cost"):
                 done_costs = [c[key] for c in episode_costs]
                 row[f"episodic_{key}"] = float(np.mean(np.concatenate(done_costs))) if done_costs else np.nan
-                if done_costs:
-                    writer.add_scalar(f"charts/episodic_{key}", row[f"episodic_{key}"], global_step)
-            writer.add_scalar("charts/learning_rate", row["learning_rate"], global_step)
-            writer.add_scalar("charts/SPS", sps, global_step)
-            for key in ("policy_loss", "value_loss", "entropy", "approx_kl", "clipfrac", "explained_variance"):
-                writer.add_scalar(f"losses/{key}", row[key], global_step)
-            writer.add_scalar("losses/old_approx_kl", old_approx_kl.item(), global_step)
+            row["stop"] = float(stop.signum > 0)  # a signal to any process stops them all at the same iteration
+            row = dict(zip(row, mean_over_processes(list(row.values()), world, device)))
+            stopping = row.pop("stop") > 0
+            row.update(global_step=global_step, learning_rate=optimizer.param_groups[0]["lr"], eval_total_cost=np.nan,
+                       sps=batch_size / (time.perf_counter() - iteration_start))
+            if lead:
+                for key in ("total_cost", "lataccel_cost", "jerk_cost"):
+                    if np.isfinite(row[f"episodic_{key}"]):
+                        writer.add_scalar(f"charts/episodic_{key}", row[f"episodic_{key}"], global_step)
+                writer.add_scalar("charts/learning_rate", row["learning_rate"], global_step)
+                writer.add_scalar("charts/SPS", row["sps"], global_step)
+                for key in ("policy_loss", "value_loss", "entropy", "approx_kl", "clipfrac", "explained_variance",
+                            "old_approx_kl"):
+                    writer.add_scalar(f"losses/{key}", row[key], global_step)
 
             # Evaluation and checkpoints
-            if crossed(global_step, batch_size, args.eval_every) or iteration == num_iterations:
+            if lead and (crossed(global_step, batch_size, args.eval_every) or iteration == num_iterations):
                 costs = evaluate(agent, eval_model, eval_segments)
                 row["eval_total_cost"] = float(costs["total_cost"].mean())
                 for key in ("total_cost", "lataccel_cost", "jerk_cost"):
@@ -642,28 +736,40 @@ def train(args: Args, on_iteration: Callable[[dict], None] | None = None) -> Pat
                     best_eval = row["eval_total_cost"]
                     save_checkpoint(policy_checkpoint(agent, args=dataclasses.asdict(args), global_step=global_step,
                                                       eval_total_cost=best_eval), run_dir / "best_model.pt")
-                bar.set_postfix(eval_cost=f"{row['eval_total_cost']:.2f}", sps=f"{sps:.0f}")
-            for key in STAT_KEYS:
-                stats[key].append(row[key])
-            te.write_atomic(run_dir / "training_stats.npz",
-                        lambda f: np.savez(f, **{k: np.asarray(v, dtype=np.float64) for k, v in stats.items()}))
-            if crossed(global_step, batch_size, args.checkpoint_every) or stop.signum:
+                bar.set_postfix(eval_cost=f"{row['eval_total_cost']:.2f}", sps=f"{row['sps']:.0f}")
+            if lead:
+                for key in STAT_KEYS:
+                    stats[key].append(row[key])
+                te.write_atomic(run_dir / "training_stats.npz", lambda f: np.savez(
+                    f, **{k: np.asarray(v, dtype=np.float64) for k, v in stats.items()}))
+            if crossed(global_step, batch_size, args.checkpoint_every) or stopping:
                 write_checkpoint(run_dir / "checkpoints" / f"checkpoint_{global_step}.pt", iteration)
             bar.update(batch_size)
-            if on_iteration:
+            if on_iteration and lead:
                 on_iteration(row)
-            if stop.signum:
-                print(f"stopped by signal {stop.signum}; resume with --resume "
-                      f"{run_dir / 'checkpoints' / f'checkpoint_{global_step}.pt'}", file=sys.stderr)
-                raise SystemExit(128 + stop.signum)
+            if stopping:
+                signum = stop.signum or signal.SIGTERM
+                if lead:
+                    print(f"stopped by signal {signum}; resume with --resume "
+                          f"{run_dir / 'checkpoints' / f'checkpoint_{global_step}.pt'}", file=sys.stderr)
+                raise SystemExit(128 + signum)
 
-        save_checkpoint(policy_checkpoint(agent, args=dataclasses.asdict(args), global_step=global_step,
-                                          eval_total_cost=stats["eval_total_cost"][-1]), run_dir / "final_model.pt")
+        # Every replica must hold the same weights; the final model records their fingerprints.
+        fingerprints = gather_objects(weights_fingerprint(agent), world)
+        if len(set(fingerprints)) > 1:
+            raise RuntimeError(f"the {world} replicas diverged: weight fingerprints {fingerprints}")
+        if lead:
+            save_checkpoint(policy_checkpoint(agent, args=dataclasses.asdict(args), global_step=global_step,
+                                              eval_total_cost=stats["eval_total_cost"][-1],
+                                              replica_fingerprints=fingerprints), run_dir / "final_model.pt")
     finally:
         bar.close()
-        writer.close()
+        if writer:
+            writer.close()
         for s, handler in previous_handlers.items():
             signal.signal(s, handler)
+        if world > 1:
+            torch.distributed.destroy_process_group()
     return run_dir
 
 

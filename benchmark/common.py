@@ -1,6 +1,11 @@
 """Helpers shared by the benchmark scripts."""
 
 import statistics
+import time
+
+import numpy as np
+
+import tinyphysics_env as te
 
 Runs = tuple[str, list[float]]
 
@@ -14,3 +19,14 @@ def compare(header: str, first: Runs, second: Runs, fmt: str) -> tuple[float, fl
         medians.append(statistics.median(runs))
         print(f"{label} {medians[-1]:{fmt}}   runs: {', '.join(f'{x:{fmt}}' for x in runs)}")
     return medians[0], medians[1]
+
+
+def model_steps_per_second(sim: te.TinyPhysicsSim, segments: te.Segments) -> float:
+    """Segments x controlled steps per second of one zero-steer rollout over steps 100..499."""
+    sim.reset(segments)
+    sim.warm_up()
+    zeros = np.zeros(len(segments))
+    start = time.perf_counter()
+    while sim.t < te.COST_END_IDX:
+        sim.step(zeros)
+    return len(segments) * te.COST_STEPS / (time.perf_counter() - start)

@@ -14,8 +14,8 @@ import tempfile
 import time
 from dataclasses import dataclass
 
-import numpy as np
 import tyro
+from common import model_steps_per_second
 
 import tinyphysics_env as te
 
@@ -32,16 +32,6 @@ class Args:
     """runs per figure (the median is printed)"""
     sequential_repeat_limit: int = 64
     """above this batch size the slow one-at-a-time scoring runs once"""
-
-
-def model_steps_per_second(sim: te.TinyPhysicsSim, segments: te.Segments) -> float:
-    sim.reset(segments)
-    sim.warm_up()
-    zeros = np.zeros(len(segments))
-    start = time.perf_counter()
-    while sim.t < te.COST_END_IDX:
-        sim.step(zeros)
-    return len(segments) * te.COST_STEPS / (time.perf_counter() - start)
 
 
 def official_style_seconds(model: te.TinyPhysicsModel, segments: te.Segments) -> float:
