@@ -75,7 +75,7 @@ class Args:
     eval_segments: int = 100
     """how many held-out segments each evaluation scores (the first ones in sorted order)"""
     threads: int = 0
-    """ONNX Runtime threads for the simulator (0: one per core)"""
+    """ONNX Runtime threads for the simulator (0: one per core, shared out among the processes of a machine)"""
     sim_backend: Literal["auto", "onnx", "torch"] = "auto"
     """simulator model: onnx (ONNX Runtime), torch (plain-torch port on the agent's device, sampling there
     too), auto (measured fastest: onnx on CPU, torch on CUDA)"""
@@ -135,10 +135,13 @@ class Args:
     """width of the two hidden layers of the actor and of the critic"""
     init_logstd: float = -3.0
     """initial log standard deviation of the policy (in action units, where [-1, 1] spans the range)"""
+    bc_teacher: Literal["pid", "pid_ff"] = "pid"
+    """warm start: the controller to behaviour-clone (pid: the official baseline; pid_ff: PID plus a
+    feedforward of the plan and the roll, see tinyphysics_env.PIDFeedforwardController)"""
     bc_segments: int = 256
-    """warm start: behaviour-clone the PID baseline on this many training segments (0: no warm start)"""
+    """warm start: behaviour-clone the teacher on this many training segments (0: no warm start)"""
     bc_epochs: int = 30
-    """warm start: epochs over the PID data (the critic is fitted to the PID's returns too)"""
+    """warm start: epochs over the teacher's data (the critic is fitted to the teacher's returns too)"""
 
     # Evaluation and checkpoints
     eval_every: int = 100_000
@@ -384,20 +387,32 @@ def policy_checkpoint(agent: Agent, **extra) -> dict:
             "agent": agent.state_dict(), **extra}
 
 
-# --- Warm start: behaviour cloning of the PID baseline ----------------------------------------
-def pid_demonstrations(sim: te.TinyPhysicsSim, segments: te.Segments, gamma: float, reward_scale: float):
-    """Observations, PID steer and discounted returns of the official PID driving these segments;
-    the PID is called from step 20, as the official program does, so its integral is the same."""
+# --- Warm start: behaviour cloning of a controller --------------------------------------------
+def teacher_demonstrations(sim: te.TinyPhysicsSim, segments: te.Segments, teacher: str, gamma: float,
+                           reward_scale: float):
+    """Observations, steer and discounted returns of a built-in controller driving these segments, one
+    instance for the whole batch (arrays in, arrays out). It is called from step 20, as the official
+    program does, so a PID's integral is the official one."""
     sim.reset(segments)
-    pid = te.PIDController()
+    controller = te.BUILTIN_CONTROLLERS[teacher]()
+    d = sim.data
+
+    def act(t: int) -> np.ndarray:
+        plan = slice(t + 1, t + te.FUTURE_PLAN_STEPS)
+        return np.clip(controller.update(sim.target[:, t], sim.current[:, t - 1],
+                                         te.State(d["roll_lataccel"][:, t], d["v_ego"][:, t], d["a_ego"][:, t]),
+                                         te.FuturePlan(*(d[f][:, plan] for f in ("target_lataccel", "roll_lataccel",
+                                                                                  "v_ego", "a_ego")))),
+                       *te.STEER_RANGE)
+
     for t in range(te.CONTEXT_LENGTH, te.CONTROL_START_IDX):
-        pid.update(sim.target[:, t], sim.current[:, t - 1], None, None)
+        act(t)
         sim.step(None)
     observations, steers, rewards = [], [], []
     while sim.t < te.COST_END_IDX:
         t = sim.t
         observations.append(te.observe(sim))
-        steers.append(np.clip(pid.update(sim.target[:, t], sim.current[:, t - 1], None, None), *te.STEER_RANGE))
+        steers.append(act(t))
         sim.step(steers[-1])
         rewards.append(sim.step_reward(t) * reward_scale)
     returns, running = np.zeros_like(np.array(rewards)), 0.0
@@ -410,8 +425,8 @@ def pid_demonstrations(sim: te.TinyPhysicsSim, segments: te.Segments, gamma: flo
 
 def behaviour_clone(agent: Agent, sim: te.TinyPhysicsSim, segments: te.Segments, args: Args,
                     device: torch.device) -> dict:
-    """Fit the actor's mean to the PID's actions and the critic to the PID's returns."""
-    obs, steer, returns = pid_demonstrations(sim, segments, args.gamma, args.reward_scale)
+    """Fit the actor's mean to the teacher's actions and the critic to the teacher's returns."""
+    obs, steer, returns = teacher_demonstrations(sim, segments, args.bc_teacher, args.gamma, args.reward_scale)
     obs, steer, returns = (torch.as_tensor(x, dtype=torch.float32, device=device) for x in (obs, steer, returns))
     target = agent.to_action(obs, steer)
     optimizer = torch.optim.Adam(agent.parameters(), lr=1e-3)
@@ -534,18 +549,20 @@ def train(args: Args, on_iteration: Callable[[dict], None] | None = None) -> Pat
     train_segments, eval_segments = load_splits(args)
     if rank == 0 and world > 1:
         torch.distributed.barrier()
-    bc_segments = train_segments  # the warm start (on rank 0) sees them all, as in one process
+    bc_pool = train_segments  # the warm start (on rank 0) sees them all, as in one process
     if world > 1:  # a disjoint share of the training segments for each process
         train_segments = train_segments.subset(np.arange(rank, len(train_segments), world))
     num_envs = args.num_envs // world  # this process's environments
     if num_envs > len(train_segments):
         raise te.TinyPhysicsError(f"--num-envs {args.num_envs} is more than the {len(train_segments) * world} "
                                   "training segments; use fewer envs or more segments")
-    model = te.load_sim_model(model_path, args.sim_backend, device.type, args.threads, args.sim_precision,
+    # The processes of one machine share its cores.
+    threads = args.threads or max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    model = te.load_sim_model(model_path, args.sim_backend, device.type, threads, args.sim_precision,
                               args.compile, args.cuda_graphs)
     # Scores are official-exact in fp32 only, so reduced-precision training evaluates with an fp32 twin.
     eval_model = model if args.sim_precision == "fp32" else te.load_sim_model(
-        model_path, args.sim_backend, device.type, args.threads, "fp32", args.compile)
+        model_path, args.sim_backend, device.type, threads, "fp32", args.compile)
     envs = te.TinyPhysicsVectorEnv(num_envs, segments=train_segments, model=model, autoreset_mode="same_step",
                                    expected_reward=args.expected_reward)
 
@@ -597,8 +614,8 @@ def train(args: Args, on_iteration: Callable[[dict], None] | None = None) -> Pat
         next_done = torch.zeros(num_envs, device=device)
         if args.bc_segments and lead:
             bc_sim = te.TinyPhysicsSim(model, official_rng=False, seed=args.seed)
-            bc_idx = np.random.default_rng(args.seed).permutation(len(bc_segments))[:args.bc_segments]
-            for k, v in behaviour_clone(agent, bc_sim, bc_segments.subset(bc_idx), args, device).items():
+            bc_idx = np.random.default_rng(args.seed).permutation(len(bc_pool))[:args.bc_segments]
+            for k, v in behaviour_clone(agent, bc_sim, bc_pool.subset(bc_idx), args, device).items():
                 writer.add_scalar(k, v, 0)
         if world > 1:  # every replica starts from rank 0's weights
             for tensor in agent.state_dict().values():
