@@ -222,3 +222,27 @@ def test_cli_trains_with_the_compiled_torch_simulator(tmp_path, model_path, real
     run_dir = Path(tmp_path / result.stdout.strip().splitlines()[-1])
     assert (run_dir / "final_model.pt").is_file()
     assert torch.load(run_dir / "final_model.pt", weights_only=False)["args"]["sim_backend"] == "torch"
+
+
+@pytest.mark.parametrize("teacher", ["pid", "pid_ff"])
+def test_batched_teacher_drives_like_the_official_interface(model, real_segments, teacher):
+    """The warm start's demonstrations come from one controller instance driving the whole batch with
+    arrays; with the official random streams its costs equal one instance per segment called with lists."""
+    sim = te.TinyPhysicsSim(model)
+    obs, steer, returns = pl.teacher_demonstrations(sim, real_segments, teacher, gamma=0.9, reward_scale=0.1)
+    assert obs.shape == (len(real_segments) * te.COST_STEPS, te.OBS_DIM) and steer.shape == returns.shape
+    batched = sim.costs()["total_cost"]
+    official = te.rollout_controllers(te.TinyPhysicsSim(model), real_segments, te.BUILTIN_CONTROLLERS[teacher])
+    np.testing.assert_array_equal(batched, official["total_cost"])
+
+
+def test_feedforward_teacher_beats_pid_on_synthetic_segments(model, synthetic_data):
+    segments = te.load_segments(synthetic_data, progress=False)
+    pid, ff = (te.rollout_controllers(te.TinyPhysicsSim(model), segments, c)["total_cost"].mean()
+               for c in (te.PIDController, te.PIDFeedforwardController))
+    assert ff < 0.8 * pid
+
+
+def test_feedforward_teacher_warm_start_trains(tiny):
+    stats = _stats(pl.train(tiny(bc_teacher="pid_ff", total_timesteps=160)))
+    assert np.isfinite(stats["eval_total_cost"]).sum() == 2 and np.isfinite(stats["policy_loss"][1:]).all()
