@@ -92,9 +92,11 @@ class Args:
     num_envs / N of them, so the batch per update (num_envs * num_steps) is global"""
     num_steps: int = 100
     """steps per environment per rollout (an episode is 400 steps)"""
-    learning_rate: float = 3e-4
-    """Adam learning rate (under torchrun applied to the gradient averaged over processes, so the same global
-    batch trains as one process would: do not scale it with the process count)"""
+    learning_rate: float = 3e-5
+    """Adam learning rate (measured from the pid_ff warm start, 1M steps, on 200 held-out synthetic segments:
+    3e-4 64.9, 1e-4 61.9, 3e-5 60.6, 1e-5 60.3; larger steps first undo the warm start). Under torchrun it
+    applies to the gradient averaged over processes, so the same global batch trains as one process would: do
+    not scale it with the process count"""
     anneal_lr: bool = True
     """anneal the learning rate linearly to zero"""
     gamma: float = 0.9
@@ -135,9 +137,10 @@ class Args:
     """width of the two hidden layers of the actor and of the critic"""
     init_logstd: float = -3.0
     """initial log standard deviation of the policy (in action units, where [-1, 1] spans the range)"""
-    bc_teacher: Literal["pid", "pid_ff"] = "pid"
+    bc_teacher: Literal["pid", "pid_ff"] = "pid_ff"
     """warm start: the controller to behaviour-clone (pid: the official baseline; pid_ff: PID plus a
-    feedforward of the plan and the roll, see tinyphysics_env.PIDFeedforwardController)"""
+    feedforward of the plan and the roll, see tinyphysics_env.PIDFeedforwardController; on 200 held-out
+    synthetic segments its clone scores 63.2, where PID scores 109.7)"""
     bc_segments: int = 256
     """warm start: behaviour-clone the teacher on this many training segments (0: no warm start)"""
     bc_epochs: int = 30

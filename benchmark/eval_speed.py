@@ -28,6 +28,8 @@ class Args:
     """segments scored by both"""
     repeats: int = 3
     """runs of each (medians reported)"""
+    sim_backend: str = "auto"
+    """simulator backend of the eval command (onnx, torch, auto)"""
 
 
 def main(args: Args) -> None:
@@ -37,7 +39,8 @@ def main(args: Args) -> None:
         te.synthesize_segments(args.num_segs, seed=0, out_dir=folder)
         segments = te.load_segments(folder, progress=False)
         command = [sys.executable, str(ROOT / "ppo_lateral_eval.py"), "--controller", "pid", "--baseline", "none",
-                   "--data-path", folder, "--sim-model-path", str(model_path), "--no-progress"]
+                   "--data-path", folder, "--sim-model-path", str(model_path), "--no-progress",
+                   "--sim-backend", args.sim_backend]
         ours, official = [], []
         for _ in range(args.repeats):
             start = time.perf_counter()

@@ -34,6 +34,8 @@ class Args:
     """alternating raw/training measurements; medians are reported"""
     compile: bool = False
     """measure ppo_lateral.py --compile"""
+    sim_backend: str = "auto"
+    """simulator backend of both measurements (onnx, torch, auto)"""
 
 
 def raw_steps_per_second(envs: te.TinyPhysicsVectorEnv, steps: int) -> float:
@@ -49,13 +51,15 @@ def training_steps_per_second(args: Args, runs_dir: str) -> float:
     train_args = pl.Args(sim_model_path=args.sim_model_path, eval_data_path=args.eval_data_path, synthetic_train=512,
                          num_envs=args.num_envs, total_timesteps=args.num_envs * 100 * args.iterations,
                          eval_every=10**12, checkpoint_every=10**12, bc_segments=0, eval_segments=1,
-                         runs_dir=runs_dir, progress=False, compile=args.compile)
+                         runs_dir=runs_dir, progress=False, compile=args.compile,
+                         sim_backend=args.sim_backend)
     with np.load(pl.train(train_args) / "training_stats.npz") as stats:
         return float(np.median(stats["sps"][2:]))  # row 0 is the start, row 1 the warm-up iteration
 
 
 def main(args: Args) -> None:
-    model = te.TinyPhysicsModel(te.resolve_model_path(args.sim_model_path))
+    model = te.load_sim_model(te.resolve_model_path(args.sim_model_path), args.sim_backend, "cpu",
+                              compile=args.compile)
     with tempfile.TemporaryDirectory() as folder:
         te.synthesize_segments(512, seed=0, out_dir=folder)
         envs = te.TinyPhysicsVectorEnv(args.num_envs, segments=te.load_segments(folder, progress=False), model=model,
