@@ -37,7 +37,7 @@ from tqdm.auto import tqdm  # noqa: E402
 import tinyphysics_env as te  # noqa: E402
 
 CHECKPOINT_KIND = "ppo_lateral"
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2  # 2: the observation gained error_integral
 
 
 @dataclass
@@ -259,13 +259,16 @@ def load_splits(args: Args) -> tuple[te.Segments, te.Segments]:
 # --- Agent -------------------------------------------------------------------------------------
 def observation_normalizer() -> tuple[np.ndarray, np.ndarray]:
     """Fixed (offset, scale) per observation entry, from the dataset's typical ranges: speeds are
-    centred on 20 m/s over 10 m/s, steer is doubled, accelerations are left as they are."""
+    centred on 20 m/s over 10 m/s, steer is doubled, the error integral (tens over an episode) is divided
+    by 10, accelerations are left as they are."""
     offset, scale = np.zeros(te.OBS_DIM, np.float32), np.ones(te.OBS_DIM, np.float32)
     for name, part in te.obs_slices().items():
         if "v_ego" in name:
             offset[part], scale[part] = 20.0, 0.1
         elif name == "past_actions":
             scale[part] = 2.0
+        elif name == "error_integral":
+            scale[part] = 0.1
     return offset, scale
 
 

@@ -210,11 +210,13 @@ class Controller(BaseController):
         self.future_len, self.steer_range = int(p["future_len"]), (float(p["steer_min"]), float(p["steer_max"]))
         self.past_actions = [0.0] * self.history
         self.past_lataccel = []
+        self.error_integral = 0.0
 
     def update(self, target_lataccel, current_lataccel, state, future_plan):
         t = self.step
         self.step += 1
         self.past_lataccel.append(current_lataccel)
+        self.error_integral += target_lataccel - current_lataccel
         if t < self.control_start:
             # The simulator replaces answers before control starts with the logged steer.
             self.past_actions.append(0.0)
@@ -225,7 +227,8 @@ class Controller(BaseController):
             values = list(values)[:self.future_len] or [fallback]
             future += values + [values[-1]] * (self.future_len - len(values))
         obs = np.array([target_lataccel, current_lataccel] + now + self.past_actions[-self.history:]
-                       + self.past_lataccel[-self.history:] + future, dtype=np.float64).astype(np.float32)
+                       + self.past_lataccel[-self.history:] + future + [self.error_integral],
+                       dtype=np.float64).astype(np.float32)
         steer = float(np.clip(numpy_policy(self.params, obs[None])[0], *self.steer_range))
         self.past_actions.append(steer)
         return steer

@@ -1044,7 +1044,7 @@ OBS_LAYOUT = (
     ("target_lataccel", 1), ("current_lataccel", 1), ("roll_lataccel", 1), ("v_ego", 1), ("a_ego", 1),
     ("past_actions", OBS_HISTORY), ("past_lataccel", OBS_HISTORY),
     ("future_lataccel", FUTURE_LEN), ("future_roll_lataccel", FUTURE_LEN),
-    ("future_v_ego", FUTURE_LEN), ("future_a_ego", FUTURE_LEN),
+    ("future_v_ego", FUTURE_LEN), ("future_a_ego", FUTURE_LEN), ("error_integral", 1),
 )
 OBS_DIM = sum(n for _, n in OBS_LAYOUT)
 
@@ -1066,7 +1066,9 @@ def observe(sim: TinyPhysicsSim) -> np.ndarray:
     latest (step t-1); past_actions and past_lataccel of steps t-20..t-1 (the last entry is the
     previous steer), where steer before step 100 reads 0, since the simulator replaced the
     controller's answers there with the log's, which a controller never sees; the future rows
-    t+1..t+49, repeating the segment's last row where it ends sooner.
+    t+1..t+49, repeating the segment's last row where it ends sooner; and error_integral, the sum of
+    target - current lateral acceleration over every controller call so far (steps 20..t, as a PID
+    accumulates it: target of step k minus the latest current at k), summed in step order.
     """
     t = sim.t
     d = sim.data
@@ -1075,7 +1077,10 @@ def observe(sim: TinyPhysicsSim) -> np.ndarray:
     now = [d["target_lataccel"][:, t:t + 1], sim.current[:, t - 1:t]] + \
           [d[f][:, t:t + 1] for f in ("roll_lataccel", "v_ego", "a_ego")]
     future = [d[f][:, t + 1:t + FUTURE_PLAN_STEPS] for f in ("target_lataccel", "roll_lataccel", "v_ego", "a_ego")]
-    return np.concatenate(now + [past_actions, sim.current[:, t - OBS_HISTORY:t]] + future, axis=1).astype(np.float32)
+    errors = d["target_lataccel"][:, CONTEXT_LENGTH:t + 1] - sim.current[:, CONTEXT_LENGTH - 1:t]
+    integral = np.cumsum(errors, axis=1)[:, -1:]  # cumsum adds in order, as a controller's running sum does
+    return np.concatenate(now + [past_actions, sim.current[:, t - OBS_HISTORY:t]] + future + [integral],
+                          axis=1).astype(np.float32)
 
 
 def episode_info(costs: dict[str, np.ndarray], segments: Segments) -> dict[str, Any]:

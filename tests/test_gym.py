@@ -110,3 +110,8 @@ def test_observation_layout(model, real_segments):
     np.testing.assert_array_equal(obs[:, parts["future_lataccel"]],
                                   seg.target_lataccel[:, t + 1:t + 50].astype(np.float32))
     np.testing.assert_array_equal(obs[:, parts["future_a_ego"]], seg.a_ego[:, t + 1:t + 50].astype(np.float32))
+    for i in range(2):  # the running sum a PID keeps, one controller call at a time from step 20
+        running = 0.0
+        for k in range(te.CONTEXT_LENGTH, t + 1):
+            running += seg.target_lataccel[i, k] - sim.current[i, k - 1]
+        assert obs[i, parts["error_integral"]][0] == np.float32(running)
