@@ -34,9 +34,9 @@ class Args:
     """a checkpoint written by ppo_lateral.py (final_model.pt, best_model.pt or a checkpoint): score its
     deterministic policy"""
     controller: str | None = None
-    """score this official-interface controller instead: pid, zero, or a .py file in a controllers/ package"""
+    """score this official-interface controller instead: pid, pid_ff, zero, or a .py file in a controllers/ package"""
     baseline: str = "pid"
-    """controller scored on the same segments for comparison (pid, zero, a .py file, or none)"""
+    """controller scored on the same segments for comparison (pid, pid_ff, zero, a .py file, or none)"""
     data_path: str | None = None
     """segment CSVs (else $TINYPHYSICS_DATA, ../data, or a download)"""
     sim_model_path: str | None = None
@@ -258,8 +258,8 @@ def export_controller(model_path: str, out_path: str) -> tuple[Path, Path]:
 # --- Main ----------------------------------------------------------------------------------------
 def validate(args: Args) -> None:
     if (args.model_path is None) == (args.controller is None):
-        raise te.TinyPhysicsError("pass exactly one of --model-path (a checkpoint) or --controller (pid, zero or a "
-                                  ".py file)")
+        raise te.TinyPhysicsError("pass exactly one of --model-path (a checkpoint) or --controller (pid, pid_ff, "
+                                  "zero or a .py file)")
     if args.export_controller and not args.model_path:
         raise te.TinyPhysicsError("--export-controller needs --model-path: it exports a trained policy")
     if args.num_segs < 1:

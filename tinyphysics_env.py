@@ -937,7 +937,7 @@ BUILTIN_CONTROLLERS = {"pid": PIDController, "pid_ff": PIDFeedforwardController,
 
 
 def load_controller(name_or_file: str) -> type:
-    """The controller class for a built-in name (pid, zero) or a .py file inside an official-style
+    """The controller class for a built-in name (pid, pid_ff, zero) or a .py file inside an official-style
     `controllers/` package, imported as the official program does: `controllers.<stem>` with the
     package's parent on sys.path, so that `from . import BaseController` works."""
     if name_or_file in BUILTIN_CONTROLLERS:
