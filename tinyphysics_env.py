@@ -658,12 +658,14 @@ class TorchTinyPhysicsModel:
         if compile or cuda_graphs:
             self._step = torch.compile(self._eager_step, mode="reduce-overhead" if cuda_graphs else None)
 
-    def _eager_step(self, states, tokens, uniforms):
+    def _logits(self, states, tokens):
         import torch
 
         with torch.autocast(self.device.type, torch.bfloat16, enabled=self.precision == "bf16"):
-            logits = gpt_last_logits(self.weights, states, tokens, self.heads)
-        return torch_sample(logits, uniforms)
+            return gpt_last_logits(self.weights, states, tokens, self.heads).float()
+
+    def _eager_step(self, states, tokens, uniforms):
+        return torch_sample(self._logits(states, tokens), uniforms)
 
     def _inputs(self, states: np.ndarray, tokens: np.ndarray):
         import torch
@@ -675,9 +677,8 @@ class TorchTinyPhysicsModel:
         """Logits (float32 numpy, [B, 1024]) of the last position, as `TinyPhysicsModel.last_logits`."""
         import torch
 
-        with torch.inference_mode(), torch.autocast(self.device.type, torch.bfloat16,
-                                                    enabled=self.precision == "bf16"):
-            return gpt_last_logits(self.weights, *self._inputs(states, tokens), self.heads).float().cpu().numpy()
+        with torch.inference_mode():
+            return self._logits(*self._inputs(states, tokens)).cpu().numpy()
 
     def sample(self, states: np.ndarray, tokens: np.ndarray, uniforms,
                with_probs: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
