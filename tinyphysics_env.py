@@ -566,7 +566,7 @@ def attention_heads(path: str | Path) -> int:
     constants = {n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in graph.node if n.op_type == "Constant"}
     scale = next(float(constants[n.input[1]]) for n in graph.node
                  if n.op_type == "Mul" and n.input[0].endswith("/attn/MatMul_output_0"))
-    width = onnx_weights(path)["wp_embedding.weight"].shape[1]
+    width = next(i.dims[1] for i in graph.initializer if i.name == "transformer.wp_embedding.weight")
     return width // round(scale**-2)
 
 

@@ -2,6 +2,7 @@
 
 import statistics
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -30,3 +31,9 @@ def model_steps_per_second(sim: te.TinyPhysicsSim, segments: te.Segments) -> flo
     while sim.t < te.COST_END_IDX:
         sim.step(zeros)
     return len(segments) * te.COST_STEPS / (time.perf_counter() - start)
+
+
+def median_training_sps(run_dir: Path) -> float:
+    """Median per-iteration SPS of a ppo_lateral.py run, skipping row 0 (the start) and row 1 (warm-up)."""
+    with np.load(run_dir / "training_stats.npz") as stats:
+        return float(np.median(stats["sps"][2:]))

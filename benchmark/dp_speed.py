@@ -14,9 +14,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import tyro
-from common import compare
+from common import compare, median_training_sps
 
 import tinyphysics_env as te
 
@@ -53,9 +52,7 @@ def steps_per_second(args: Args, runs_dir: str, processes: int) -> float:
     result = subprocess.run(command, capture_output=True, text=True)  # torchrun sets 1 torch thread per process
     if result.returncode != 0:
         raise te.TinyPhysicsError(f"training failed: {result.stderr.strip().splitlines()[-1]}")
-    run_dir = Path(result.stdout.strip().splitlines()[-1])
-    with np.load(run_dir / "training_stats.npz") as stats:
-        return float(np.median(stats["sps"][2:]))  # row 0 is the start, row 1 the warm-up iteration
+    return median_training_sps(Path(result.stdout.strip().splitlines()[-1]))
 
 
 def main(args: Args) -> None:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import tyro
-from common import compare
+from common import compare, median_training_sps
 
 import ppo_lateral as pl
 import tinyphysics_env as te
@@ -53,8 +53,7 @@ def training_steps_per_second(args: Args, runs_dir: str) -> float:
                          eval_every=10**12, checkpoint_every=10**12, bc_segments=0, eval_segments=1,
                          runs_dir=runs_dir, progress=False, compile=args.compile,
                          sim_backend=args.sim_backend)
-    with np.load(pl.train(train_args) / "training_stats.npz") as stats:
-        return float(np.median(stats["sps"][2:]))  # row 0 is the start, row 1 the warm-up iteration
+    return median_training_sps(pl.train(train_args))
 
 
 def main(args: Args) -> None:
