@@ -37,7 +37,7 @@ from tqdm.auto import tqdm  # noqa: E402
 import tinyphysics_env as te  # noqa: E402
 
 CHECKPOINT_KIND = "ppo_lateral"
-CHECKPOINT_VERSION = 2  # 2: the observation gained error_integral
+CHECKPOINT_VERSION = 3  # 2: the observation gained error_integral; 3: prev_error, residual policies
 
 
 @dataclass
@@ -92,13 +92,25 @@ class Args:
     num_envs / N of them, so the batch per update (num_envs * num_steps) is global"""
     num_steps: int = 100
     """steps per environment per rollout (an episode is 400 steps)"""
+    samples_per_segment: int = 1
+    """K: run each training segment K times side by side in one batch (num_envs / K segments at a time), so
+    that --segment-baseline can compare the K rollouts of one segment"""
+    common_noise: bool = False
+    """give the K rollouts of a segment the same simulator noise (common random numbers): they then differ
+    only by the policy's own exploration"""
+    sim_dynamics: Literal["sampled", "expected"] = "sampled"
+    """training dynamics: sampled (the official simulator) or expected (the next lateral acceleration is the
+    mean of the model's clipped token distribution, no sampling noise). expected is a TRAINING mode whose
+    training costs are not official-exact; evaluation is always official-exact"""
     learning_rate: float = 3e-5
     """Adam learning rate (measured from the pid_ff warm start, 1M steps, on 200 held-out synthetic segments:
     3e-4 64.9, 1e-4 61.9, 3e-5 60.6, 1e-5 60.3; larger steps first undo the warm start). Under torchrun it
     applies to the gradient averaged over processes, so the same global batch trains as one process would: do
     not scale it with the process count"""
-    anneal_lr: bool = True
-    """anneal the learning rate linearly to zero"""
+    lr_schedule: Literal["linear", "cosine", "constant"] = "linear"
+    """learning-rate decay over the run: linear to zero, cosine to --final-lr-fraction, or none"""
+    final_lr_fraction: float = 0.0
+    """cosine schedule: the last learning rate as a fraction of --learning-rate"""
     gamma: float = 0.9
     """discount factor (measured at 1M steps: 0.9 beat 0.95 and 0.99; a step's steer matters for about a second)"""
     gae_lambda: float = 0.95
@@ -110,6 +122,14 @@ class Args:
     """epochs over each batch (measured: 4 learns as well as 10 here, at 6,000 instead of 5,000 SPS)"""
     norm_adv: bool = True
     """normalize advantages per minibatch"""
+    segment_baseline: bool = False
+    """centre the advantages over the K rollouts of each segment at each step (needs --samples-per-segment 2
+    or more): the segment's difficulty cancels out"""
+    segment_norm: bool = False
+    """divide each segment's advantages by their own standard deviation in the rollout, so every segment
+    weighs alike whatever its difficulty"""
+    norm_reward: bool = False
+    """divide rewards by a running standard deviation of the discounted return"""
     clip_coef: float = 0.2
     """the surrogate clipping coefficient"""
     clip_vloss: bool = True
@@ -129,22 +149,30 @@ class Args:
     objective, less noise)"""
 
     # Control design
-    action_mode: Literal["delta", "absolute"] = "delta"
-    """delta: the action moves the previous steer by at most --max-delta; absolute: the action is the steer"""
+    action_mode: Literal["residual", "delta", "absolute"] = "delta"
+    """residual: steer = the --teacher's steer (computed from the observation) + --residual-scale x the
+    action, and the actor's output starts at exactly zero, so the step-0 policy is the teacher; delta: the
+    action moves the previous steer by at most --max-delta; absolute: the action is the steer"""
+    teacher: Literal["pid", "pid_ff"] = "pid_ff"
+    """the controller the policy starts from: the residual's base, or what the warm start clones (pid: the
+    official baseline; pid_ff: PID plus a feedforward of the plan and the roll, see
+    tinyphysics_env.PIDFeedforwardController; on 200 held-out synthetic segments pid_ff scores 54.66, its
+    delta-mode clone 56.97, PID 109.65)"""
+    residual_scale: float = 0.25
+    """residual mode: the largest correction the actor adds to the teacher's steer"""
     max_delta: float = 0.25
     """largest steer change per step in delta mode"""
     hidden: int = 64
-    """width of the two hidden layers of the actor and of the critic"""
+    """width of the two hidden layers of the actor"""
+    critic_hidden: int = 0
+    """width of the critic's two hidden layers (0: --hidden)"""
     init_logstd: float = -3.0
     """initial log standard deviation of the policy (in action units, where [-1, 1] spans the range)"""
-    bc_teacher: Literal["pid", "pid_ff"] = "pid_ff"
-    """warm start: the controller to behaviour-clone (pid: the official baseline; pid_ff: PID plus a
-    feedforward of the plan and the roll, see tinyphysics_env.PIDFeedforwardController; on 200 held-out
-    synthetic segments its clone scores 63.2, where PID scores 109.7)"""
     bc_segments: int = 256
-    """warm start: behaviour-clone the teacher on this many training segments (0: no warm start)"""
+    """warm start on this many training segments (0: none): the critic is fitted to the teacher's returns and,
+    outside residual mode, the actor clones the teacher's steer"""
     bc_epochs: int = 30
-    """warm start: epochs over the teacher's data (the critic is fitted to the teacher's returns too)"""
+    """warm start: epochs over the teacher's data"""
 
     # Evaluation and checkpoints
     eval_every: int = 100_000
@@ -170,7 +198,16 @@ def validate(args: Args, world: int = 1) -> None:
         (args.eval_segments >= 1, f"--eval-segments {args.eval_segments}: need at least 1"),
         (args.eval_every >= 1 and args.checkpoint_every >= 1, "--eval-every and --checkpoint-every must be positive"),
         (args.max_delta > 0, f"--max-delta {args.max_delta}: must be positive"),
-        (args.hidden >= 1, f"--hidden {args.hidden}: need at least 1"),
+        (args.residual_scale > 0, f"--residual-scale {args.residual_scale}: must be positive"),
+        (args.hidden >= 1 and args.critic_hidden >= 0, f"--hidden {args.hidden}, --critic-hidden "
+                                                       f"{args.critic_hidden}: need at least 1 (critic: 0 or more)"),
+        (args.samples_per_segment >= 1 and (args.num_envs // world) % args.samples_per_segment == 0,
+         f"--samples-per-segment {args.samples_per_segment} must divide the {args.num_envs // world} environments "
+         "of each process"),
+        (args.samples_per_segment > 1 or not (args.segment_baseline or args.common_noise),
+         "--segment-baseline and --common-noise compare the K rollouts of a segment: add --samples-per-segment K "
+         "(K >= 2)"),
+        (0 <= args.final_lr_fraction <= 1, f"--final-lr-fraction {args.final_lr_fraction}: must be in [0, 1]"),
         (0 < args.gamma <= 1 and 0 <= args.gae_lambda <= 1, "--gamma must be in (0, 1] and --gae-lambda in [0, 1]"),
         (args.synthetic_train >= 0 and args.bc_segments >= 0, "--synthetic-train and --bc-segments cannot be negative"),
     ]
@@ -275,6 +312,36 @@ def observation_normalizer() -> tuple[np.ndarray, np.ndarray]:
 PREV_STEER_INDEX = te.obs_slices()["past_actions"].stop - 1
 
 
+def teacher_params(teacher: str) -> dict[str, float]:
+    """A built-in controller's gains, and where the observation holds what it reads, for `teacher_steer`
+    (pid is pid_ff without feedforward)."""
+    controller = te.BUILTIN_CONTROLLERS[teacher]()
+    where = te.obs_slices()
+    params = {"teacher_p": controller.p, "teacher_i": controller.i, "teacher_d": controller.d,
+              "teacher_kf": getattr(controller, "kf", 0.0), "teacher_kr": getattr(controller, "kr", 0.0),
+              "teacher_lookahead": getattr(controller, "lookahead", 1)}
+    for name in ("target_lataccel", "current_lataccel", "roll_lataccel", "future_lataccel", "error_integral",
+                 "prev_error"):
+        params[f"obs_{name}"] = where[name].start
+    return params
+
+
+def teacher_steer(params: dict, obs):
+    """The teacher's steer from the observation alone, for a batch [B, D] (numpy or torch).
+
+    On float64 numpy observations this is PIDFeedforwardController's arithmetic in its order, so it
+    equals the official-interface controller bit for bit; the exported controller carries it."""
+    def column(name):
+        return obs[:, int(params[f"obs_{name}"])]
+
+    error = column("target_lataccel") - column("current_lataccel")
+    future = int(params["obs_future_lataccel"])
+    planned = obs[:, future:future + int(params["teacher_lookahead"])].mean(axis=-1)
+    feedback = (float(params["teacher_p"]) * error + float(params["teacher_i"]) * column("error_integral")
+                + float(params["teacher_d"]) * (error - column("prev_error")))
+    return feedback + float(params["teacher_kf"]) * planned - float(params["teacher_kr"]) * column("roll_lataccel")
+
+
 def layer_init(layer: nn.Linear, std: float = np.sqrt(2), bias_const: float = 0.0) -> nn.Linear:
     torch.nn.init.orthogonal_(layer.weight, std)
     torch.nn.init.constant_(layer.bias, bias_const)
@@ -284,29 +351,34 @@ def layer_init(layer: nn.Linear, std: float = np.sqrt(2), bias_const: float = 0.
 class Agent(nn.Module):
     """Separate actor and critic MLPs (tanh) on the normalized observation; a Gaussian policy whose
     action in [-1, 1] is mapped to steer by `to_steer`. `config()` rebuilds it without this script's
-    defaults, so a checkpoint describes its own policy and observation pipeline."""
+    defaults, so a checkpoint describes its own policy and observation pipeline. In residual mode the
+    actor's last layer starts at zero, so the deterministic policy starts as the teacher itself."""
 
     def __init__(self, obs_dim: int, hidden: int, action_mode: str, max_delta: float, init_logstd: float = 0.0,
-                 obs_offset=None, obs_scale=None):
+                 obs_offset=None, obs_scale=None, critic_hidden: int = 0, teacher: str = "pid_ff",
+                 residual_scale: float = 0.25):
         super().__init__()
         offset, scale = observation_normalizer() if obs_offset is None else (obs_offset, obs_scale)
         self.register_buffer("obs_offset", torch.as_tensor(np.asarray(offset), dtype=torch.float32))
         self.register_buffer("obs_scale", torch.as_tensor(np.asarray(scale), dtype=torch.float32))
         self.action_mode, self.max_delta, self.hidden = action_mode, max_delta, hidden
+        self.critic_hidden, self.teacher, self.residual_scale = critic_hidden or hidden, teacher, residual_scale
+        self.teacher_params = teacher_params(teacher)
 
-        def mlp(out_std: float) -> nn.Sequential:
-            return nn.Sequential(layer_init(nn.Linear(obs_dim, hidden)), nn.Tanh(),
-                                 layer_init(nn.Linear(hidden, hidden)), nn.Tanh(),
-                                 layer_init(nn.Linear(hidden, 1), std=out_std))
+        def mlp(width: int, out_std: float) -> nn.Sequential:
+            return nn.Sequential(layer_init(nn.Linear(obs_dim, width)), nn.Tanh(),
+                                 layer_init(nn.Linear(width, width)), nn.Tanh(),
+                                 layer_init(nn.Linear(width, 1), std=out_std))
 
-        self.critic = mlp(1.0)
-        self.actor_mean = mlp(0.01)
+        self.critic = mlp(self.critic_hidden, 1.0)
+        self.actor_mean = mlp(hidden, 0.0 if action_mode == "residual" else 0.01)
         self.actor_logstd = nn.Parameter(torch.full((1, 1), float(init_logstd)))
 
     def config(self) -> dict:
         return {"obs_dim": int(self.obs_offset.numel()), "hidden": self.hidden, "action_mode": self.action_mode,
                 "max_delta": self.max_delta, "obs_offset": self.obs_offset.tolist(),
-                "obs_scale": self.obs_scale.tolist()}
+                "obs_scale": self.obs_scale.tolist(), "critic_hidden": self.critic_hidden, "teacher": self.teacher,
+                "residual_scale": self.residual_scale}
 
     def normalize(self, obs: torch.Tensor) -> torch.Tensor:
         return (obs - self.obs_offset) * self.obs_scale
@@ -323,16 +395,20 @@ class Agent(nn.Module):
         return action, probs.log_prob(action).sum(1), probs.entropy().sum(1), self.critic(x)
 
     def to_steer(self, obs: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
-        """Steer command for an action: the previous steer moved by at most max_delta, or the action
-        scaled to the steer range."""
+        """Steer command for an action: the teacher's steer plus a bounded correction, the previous steer
+        moved by at most max_delta, or the action scaled to the steer range."""
         a = action[:, 0].clamp(-1.0, 1.0)
+        if self.action_mode == "residual":
+            return teacher_steer(self.teacher_params, obs) + self.residual_scale * a
         if self.action_mode == "delta":
             return obs[:, PREV_STEER_INDEX] + self.max_delta * a
         return te.STEER_RANGE[1] * a
 
     def to_action(self, obs: torch.Tensor, steer: torch.Tensor) -> torch.Tensor:
         """The action (before clipping) that `to_steer` maps to this steer, for behaviour cloning."""
-        if self.action_mode == "delta":
+        if self.action_mode == "residual":
+            a = (steer - teacher_steer(self.teacher_params, obs)) / self.residual_scale
+        elif self.action_mode == "delta":
             a = (steer - obs[:, PREV_STEER_INDEX]) / self.max_delta
         else:
             a = steer / te.STEER_RANGE[1]
@@ -345,21 +421,27 @@ class Agent(nn.Module):
                   for i, layer in enumerate(layers) for kind in ("weight", "bias")}
         params.update(obs_offset=self.obs_offset.cpu().double().numpy(),
                       obs_scale=self.obs_scale.cpu().double().numpy(),
-                      delta=np.array(self.action_mode == "delta"), max_delta=np.array(self.max_delta),
-                      steer_max=np.array(te.STEER_RANGE[1]), prev_steer_index=np.array(PREV_STEER_INDEX))
+                      action_mode=np.array(self.action_mode), max_delta=np.array(self.max_delta),
+                      residual_scale=np.array(self.residual_scale),
+                      steer_max=np.array(te.STEER_RANGE[1]), prev_steer_index=np.array(PREV_STEER_INDEX),
+                      **{k: np.array(v) for k, v in self.teacher_params.items()})
         return params
 
 
 def numpy_policy(params: dict, obs: np.ndarray) -> np.ndarray:
-    """Steer of the deterministic policy (mean action) for float32 observations [B, D], in float64 numpy.
+    """Steer of the deterministic policy (mean action) for float64 observations [B, D], in float64 numpy.
 
-    Official scoring of a policy uses this, and the exported controller carries this very function,
-    so both give the same steer and the same costs. Mirrors Agent.actor_mean and Agent.to_steer."""
+    Official scoring of a policy uses this, and the exported controller carries this very function
+    (and `teacher_steer`), so both give the same steer and the same costs. Mirrors Agent.actor_mean and
+    Agent.to_steer."""
     x = (obs.astype(np.float64) - params["obs_offset"]) * params["obs_scale"]
     x = np.tanh(x @ params["weight0"].T + params["bias0"])
     x = np.tanh(x @ params["weight1"].T + params["bias1"])
     a = np.clip((x @ params["weight2"].T + params["bias2"])[:, 0], -1.0, 1.0)
-    if params["delta"]:
+    mode = str(params["action_mode"])
+    if mode == "residual":
+        return teacher_steer(params, obs.astype(np.float64)) + float(params["residual_scale"]) * a
+    if mode == "delta":
         return obs[:, int(params["prev_steer_index"])].astype(np.float64) + float(params["max_delta"]) * a
     return float(params["steer_max"]) * a
 
@@ -431,11 +513,13 @@ def teacher_demonstrations(sim: te.TinyPhysicsSim, segments: te.Segments, teache
 
 def behaviour_clone(agent: Agent, sim: te.TinyPhysicsSim, segments: te.Segments, args: Args,
                     device: torch.device) -> dict:
-    """Fit the actor's mean to the teacher's actions and the critic to the teacher's returns."""
-    obs, steer, returns = teacher_demonstrations(sim, segments, args.bc_teacher, args.gamma, args.reward_scale)
+    """Fit the critic to the teacher's returns and, unless the policy is already the teacher (residual
+    mode, whose actor must stay exactly zero), the actor's mean to the teacher's actions."""
+    obs, steer, returns = teacher_demonstrations(sim, segments, args.teacher, args.gamma, args.reward_scale)
     obs, steer, returns = (torch.as_tensor(x, dtype=torch.float32, device=device) for x in (obs, steer, returns))
     target = agent.to_action(obs, steer)
-    optimizer = torch.optim.Adam(agent.parameters(), lr=1e-3)
+    clone_actor = agent.action_mode != "residual"
+    optimizer = torch.optim.Adam(agent.parameters() if clone_actor else agent.critic.parameters(), lr=1e-3)
     generator = torch.Generator().manual_seed(args.seed)
     for _ in range(args.bc_epochs):
         for idx in torch.randperm(len(obs), generator=generator).split(512):
@@ -443,7 +527,7 @@ def behaviour_clone(agent: Agent, sim: te.TinyPhysicsSim, segments: te.Segments,
             actor_loss = ((agent.actor_mean(x) - target[idx]) ** 2).mean()
             value_loss = ((agent.critic(x)[:, 0] - returns[idx]) ** 2).mean()
             optimizer.zero_grad()
-            (actor_loss + value_loss).backward()
+            (actor_loss + value_loss if clone_actor else value_loss).backward()
             optimizer.step()
     return {"bc/actor_mse": actor_loss.item(), "bc/value_mse": value_loss.item()}
 
@@ -478,6 +562,46 @@ def compute_gae(rewards: torch.Tensor, values: torch.Tensor, dones: torch.Tensor
         lastgaelam = delta + gamma * gae_lambda * nextnonterminal * lastgaelam
         advantages[t] = lastgaelam
     return advantages, advantages + values
+
+
+def segment_advantages(advantages: torch.Tensor, samples_per_segment: int, center: bool,
+                       normalize: bool) -> torch.Tensor:
+    """Advantages [num_steps, num_envs] with a per-segment baseline: environments k*K .. k*K+K-1 run
+    the same segment in lockstep (see TinyPhysicsVectorEnv), so `center` subtracts, at every step, the
+    mean over those K copies, and `normalize` divides each group by its own standard deviation over the
+    rollout (each segment then weighs alike, whatever its difficulty)."""
+    num_steps, num_envs = advantages.shape
+    groups = advantages.reshape(num_steps, num_envs // samples_per_segment, samples_per_segment)
+    if center:
+        groups = groups - groups.mean(dim=2, keepdim=True)
+    if normalize and num_steps * samples_per_segment > 1:
+        groups = groups / (groups.std(dim=(0, 2), keepdim=True) + 1e-8)
+    return groups.reshape(num_steps, num_envs)
+
+
+class RewardNormalizer:
+    """Divides rewards by a running standard deviation of the discounted return (as Gymnasium's
+    NormalizeReward does), on the host; its state goes into checkpoints."""
+
+    def __init__(self, num_envs: int, gamma: float):
+        self.gamma, self.returns = gamma, np.zeros(num_envs)
+        self.mean, self.var, self.count = 0.0, 1.0, 1e-4
+
+    def __call__(self, reward: np.ndarray, done: np.ndarray) -> np.ndarray:
+        self.returns = self.returns * self.gamma + reward
+        batch_mean, batch_var, n = float(self.returns.mean()), float(self.returns.var()), len(self.returns)
+        total = self.count + n
+        delta = batch_mean - self.mean
+        self.var = (self.var * self.count + batch_var * n + delta**2 * self.count * n / total) / total
+        self.mean, self.count = self.mean + delta * n / total, total
+        self.returns = np.where(done, 0.0, self.returns)
+        return reward / np.sqrt(self.var + 1e-8)
+
+    def state_dict(self) -> dict:
+        return {"returns": self.returns.copy(), "mean": self.mean, "var": self.var, "count": self.count}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.returns, self.mean, self.var, self.count = (state[k] for k in ("returns", "mean", "var", "count"))
 
 
 # --- The clipped PPO loss -----------------------------------------------------------------------
@@ -528,6 +652,121 @@ class _StopRequest:
         print(f"\nsignal {signum}: writing a checkpoint after this iteration", file=sys.stderr)
 
 
+def learning_rate_at(iteration: int, num_iterations: int, args: Args) -> float:
+    """The learning rate of an iteration (1-based) under --lr-schedule."""
+    progress = (iteration - 1.0) / num_iterations
+    if args.lr_schedule == "linear":
+        return (1.0 - progress) * args.learning_rate
+    if args.lr_schedule == "cosine":
+        floor = args.final_lr_fraction * args.learning_rate
+        return floor + (args.learning_rate - floor) * 0.5 * (1.0 + np.cos(np.pi * progress))
+    return args.learning_rate
+
+
+def new_rollout_buffers(num_steps: int, num_envs: int, device: torch.device) -> dict[str, torch.Tensor]:
+    shapes = {"obs": (te.OBS_DIM,), "actions": (1,), "logprobs": (), "rewards": (), "dones": (), "values": ()}
+    return {k: torch.zeros((num_steps, num_envs, *shape), device=device) for k, shape in shapes.items()}
+
+
+def rollout(agent: Agent, policy_step: Callable, envs: te.TinyPhysicsVectorEnv, buf: dict, next_obs: torch.Tensor,
+            next_done: torch.Tensor, args: Args, reward_norm: RewardNormalizer | None, autocast) -> tuple:
+    """Step every environment num_steps times with the stochastic policy, filling buf; returns the next
+    observation and done flags and the costs of the episodes that ended."""
+    device, episode_costs = next_obs.device, []
+    for step in range(args.num_steps):
+        buf["obs"][step], buf["dones"][step] = next_obs, next_done
+        with torch.no_grad(), autocast:
+            action, logprob, _, value = policy_step(next_obs)
+        buf["values"][step] = value.flatten().float()
+        buf["actions"][step], buf["logprobs"][step] = action.float(), logprob.float()
+        steer = agent.to_steer(next_obs, action.float())
+        next_obs_np, reward, terminations, truncations, infos = envs.step(steer.double().cpu().numpy())
+        done = terminations | truncations
+        if reward_norm is not None:
+            reward = reward_norm(reward, done)
+        buf["rewards"][step] = torch.as_tensor(reward * args.reward_scale, dtype=torch.float32, device=device)
+        next_obs = torch.as_tensor(next_obs_np, device=device)
+        next_done = torch.as_tensor(done, dtype=torch.float32, device=device)
+        if "final_info" in infos:
+            episode_costs.append({k: infos["final_info"][k] for k in ("total_cost", "lataccel_cost", "jerk_cost")})
+    return next_obs, next_done, episode_costs
+
+
+def advantages_and_returns(agent: Agent, buf: dict, next_obs: torch.Tensor, next_done: torch.Tensor,
+                           args: Args) -> tuple[torch.Tensor, torch.Tensor]:
+    """GAE, then the per-segment baseline the arguments ask for; returns (the critic's target) stay GAE's."""
+    with torch.no_grad():
+        next_value = agent.get_value(next_obs).reshape(1, -1)[0]
+        advantages, returns = compute_gae(buf["rewards"], buf["values"], buf["dones"], next_value, next_done,
+                                          args.gamma, args.gae_lambda)
+    if args.segment_baseline or args.segment_norm:
+        advantages = segment_advantages(advantages, args.samples_per_segment, args.segment_baseline,
+                                        args.segment_norm)
+    return advantages, returns
+
+
+def ppo_update(agent: Agent, optimizer: torch.optim.Optimizer, loss_fn: Callable, buf: dict,
+               advantages: torch.Tensor, returns: torch.Tensor, args: Args, world: int, autocast) -> dict:
+    """update_epochs epochs of the clipped objective over shuffled minibatches; returns the last
+    minibatch's losses and the mean clip fraction."""
+    device = advantages.device
+    b_obs, b_actions = buf["obs"].reshape(-1, te.OBS_DIM), buf["actions"].reshape(-1, 1)
+    b_logprobs, b_advantages = buf["logprobs"].reshape(-1), advantages.reshape(-1)
+    b_returns, b_values = returns.reshape(-1), buf["values"].reshape(-1)
+    batch = len(b_obs)
+    minibatch_size = batch // args.num_minibatches
+    b_inds = np.arange(batch)
+    clipfracs = []
+    for _epoch in range(args.update_epochs):
+        np.random.shuffle(b_inds)
+        for start in range(0, batch, minibatch_size):
+            mb = torch.as_tensor(b_inds[start:start + minibatch_size], device=device)
+            with autocast:
+                loss, pg_loss, v_loss, entropy_loss, old_approx_kl, approx_kl, clipfrac = loss_fn(
+                    agent, b_obs[mb], b_actions[mb], b_logprobs[mb], b_advantages[mb], b_returns[mb],
+                    b_values[mb], args.clip_coef, args.norm_adv, args.clip_vloss, args.ent_coef, args.vf_coef)
+            clipfracs.append(clipfrac.item())
+            optimizer.zero_grad()
+            loss.backward()
+            if world > 1:
+                average_gradients(agent, world)
+            nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
+            optimizer.step()
+        if args.target_kl is not None and mean_over_processes([approx_kl.item()], world, device)[0] > args.target_kl:
+            break
+    y_pred, y_true = b_values.cpu().numpy(), b_returns.cpu().numpy()
+    var_y = np.var(y_true)
+    return {"policy_loss": pg_loss.item(), "value_loss": v_loss.item(), "entropy": entropy_loss.item(),
+            "approx_kl": approx_kl.item(), "clipfrac": float(np.mean(clipfracs)),
+            "explained_variance": float(np.nan if var_y == 0 else 1 - np.var(y_true - y_pred) / var_y),
+            "old_approx_kl": old_approx_kl.item()}
+
+
+def episodic_means(episode_costs: list[dict]) -> dict[str, float]:
+    out = {}
+    for key in ("total_cost", "lataccel_cost", "jerk_cost"):
+        done_costs = [c[key] for c in episode_costs]
+        out[f"episodic_{key}"] = float(np.mean(np.concatenate(done_costs))) if done_costs else np.nan
+    return out
+
+
+def write_scalars(writer: SummaryWriter, row: dict, global_step: int) -> None:
+    for key in ("total_cost", "lataccel_cost", "jerk_cost"):
+        if np.isfinite(row[f"episodic_{key}"]):
+            writer.add_scalar(f"charts/episodic_{key}", row[f"episodic_{key}"], global_step)
+    writer.add_scalar("charts/learning_rate", row["learning_rate"], global_step)
+    writer.add_scalar("charts/SPS", row["sps"], global_step)
+    for key in ("policy_loss", "value_loss", "entropy", "approx_kl", "clipfrac", "explained_variance",
+                "old_approx_kl"):
+        writer.add_scalar(f"losses/{key}", row[key], global_step)
+
+
+def write_eval(writer: SummaryWriter, costs: dict, global_step: int) -> float:
+    for key in ("total_cost", "lataccel_cost", "jerk_cost"):
+        writer.add_scalar(f"eval/{key}", float(costs[key].mean()), global_step)
+    return float(costs["total_cost"].mean())
+
+
 def train(args: Args, on_iteration: Callable[[dict], None] | None = None) -> Path:
     """Train as the arguments say; returns the run folder. on_iteration(stats) is called after every
     iteration with that iteration's row of training_stats (for notebooks)."""
@@ -559,9 +798,10 @@ def train(args: Args, on_iteration: Callable[[dict], None] | None = None) -> Pat
     if world > 1:  # a disjoint share of the training segments for each process
         train_segments = train_segments.subset(np.arange(rank, len(train_segments), world))
     num_envs = args.num_envs // world  # this process's environments
-    if num_envs > len(train_segments):
-        raise te.TinyPhysicsError(f"--num-envs {args.num_envs} is more than the {len(train_segments) * world} "
-                                  "training segments; use fewer envs or more segments")
+    if num_envs // args.samples_per_segment > len(train_segments):
+        raise te.TinyPhysicsError(f"--num-envs {args.num_envs} / --samples-per-segment {args.samples_per_segment} "
+                                  f"is more than the {len(train_segments) * world} training segments; use fewer "
+                                  "envs or more segments")
     # The processes of one machine share its cores.
     threads = args.threads or max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     model = te.load_sim_model(model_path, args.sim_backend, device.type, threads, args.sim_precision,
@@ -570,7 +810,9 @@ def train(args: Args, on_iteration: Callable[[dict], None] | None = None) -> Pat
     eval_model = model if args.sim_precision == "fp32" else te.load_sim_model(
         model_path, args.sim_backend, device.type, threads, "fp32", args.compile)
     envs = te.TinyPhysicsVectorEnv(num_envs, segments=train_segments, model=model, autoreset_mode="same_step",
-                                   expected_reward=args.expected_reward)
+                                   expected_reward=args.expected_reward, samples_per_segment=args.samples_per_segment,
+                                   common_noise=args.common_noise, dynamics=args.sim_dynamics)
+    reward_norm = RewardNormalizer(num_envs, args.gamma) if args.norm_reward else None
 
     random.seed(args.seed)
     np.random.seed(args.seed)
@@ -589,11 +831,10 @@ def train(args: Args, on_iteration: Callable[[dict], None] | None = None) -> Pat
         writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(
             f"|{k}|{v}|" for k, v in vars(args).items()))
 
-    agent = Agent(te.OBS_DIM, args.hidden, args.action_mode, args.max_delta, args.init_logstd).to(device)
+    agent = Agent(te.OBS_DIM, args.hidden, args.action_mode, args.max_delta, args.init_logstd,
+                  critic_hidden=args.critic_hidden, teacher=args.teacher, residual_scale=args.residual_scale).to(device)
     optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5)
     batch_size = args.num_envs * args.num_steps  # global: all processes together
-    local_batch_size = num_envs * args.num_steps  # this process's share
-    minibatch_size = local_batch_size // args.num_minibatches
     num_iterations = args.total_timesteps // batch_size
     stats = {k: [] for k in STAT_KEYS}
     best_eval, global_step, start_iteration = float("inf"), 0, 1
@@ -610,6 +851,8 @@ def train(args: Args, on_iteration: Callable[[dict], None] | None = None) -> Pat
         envs.reset(seed=args.seed)
         next_obs = torch.as_tensor(envs.load_state_dict(mine["env"]), device=device)
         next_done = mine["next_done"].to(device)
+        if reward_norm is not None:
+            reward_norm.load_state_dict(mine["reward_norm"])
     else:
         if world > 1:  # each process its own random streams (segments, simulator noise, actions, minibatches)
             random.seed(args.seed + rank)
@@ -627,10 +870,7 @@ def train(args: Args, on_iteration: Callable[[dict], None] | None = None) -> Pat
             for tensor in agent.state_dict().values():
                 torch.distributed.broadcast(tensor, src=0)
         if lead:
-            initial = evaluate(agent, eval_model, eval_segments)
-            for key in ("total_cost", "lataccel_cost", "jerk_cost"):
-                writer.add_scalar(f"eval/{key}", float(initial[key].mean()), 0)
-            best_eval = float(initial["total_cost"].mean())
+            best_eval = write_eval(writer, evaluate(agent, eval_model, eval_segments), 0)
             for key in STAT_KEYS:  # row 0: the starting policy, before any PPO update
                 stats[key].append({"global_step": 0, "eval_total_cost": best_eval}.get(key, np.nan))
             save_checkpoint(policy_checkpoint(agent, args=dataclasses.asdict(args), global_step=0,
@@ -638,14 +878,7 @@ def train(args: Args, on_iteration: Callable[[dict], None] | None = None) -> Pat
 
     policy_step = torch.compile(agent.get_action_and_value) if args.compile else agent.get_action_and_value
     loss_fn = torch.compile(ppo_loss) if args.compile else ppo_loss
-
-    # Rollout storage
-    obs = torch.zeros((args.num_steps, num_envs, te.OBS_DIM), device=device)
-    actions = torch.zeros((args.num_steps, num_envs, 1), device=device)
-    logprobs = torch.zeros((args.num_steps, num_envs), device=device)
-    rewards = torch.zeros((args.num_steps, num_envs), device=device)
-    dones = torch.zeros((args.num_steps, num_envs), device=device)
-    values = torch.zeros((args.num_steps, num_envs), device=device)
+    buf = new_rollout_buffers(args.num_steps, num_envs, device)
 
     stop = _StopRequest()
     previous_handlers = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -655,7 +888,8 @@ def train(args: Args, on_iteration: Callable[[dict], None] | None = None) -> Pat
     def write_checkpoint(path: Path, iteration: int) -> None:
         """Called by every process: rank 0 writes its own and the others' environment and RNG states."""
         states = gather_objects({"env": envs.state_dict(), "next_done": next_done.cpu(), "rng": {
-            "torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}}, world)
+            "torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
+            "reward_norm": reward_norm.state_dict() if reward_norm else None}, world)
         if lead:
             per_rank = {"ranks": states, "world_size": world} if world > 1 else {}
             save_checkpoint(policy_checkpoint(
@@ -666,95 +900,34 @@ def train(args: Args, on_iteration: Callable[[dict], None] | None = None) -> Pat
     try:
         for iteration in range(start_iteration, num_iterations + 1):
             iteration_start = time.perf_counter()
-            if args.anneal_lr:
-                optimizer.param_groups[0]["lr"] = (1.0 - (iteration - 1.0) / num_iterations) * args.learning_rate
-            episode_costs = []
+            optimizer.param_groups[0]["lr"] = learning_rate_at(iteration, num_iterations, args)
 
-            # Rollout
+            # Rollout (batch-64 policy steps run faster on one thread than on two beside the torch simulator)
             update_threads = torch.get_num_threads()
-            if isinstance(model, te.TinyPhysicsModel):  # the torch simulator wants every thread
-                torch.set_num_threads(1)  # batch-64 policy steps: a second thread costs more than it brings
-            for step in range(args.num_steps):
-                global_step += args.num_envs
-                obs[step], dones[step] = next_obs, next_done
-                with torch.no_grad(), autocast:
-                    action, logprob, _, value = policy_step(next_obs)
-                values[step] = value.flatten().float()
-                actions[step], logprobs[step] = action.float(), logprob.float()
-                steer = agent.to_steer(next_obs, action.float())
-                next_obs_np, reward, terminations, truncations, infos = envs.step(steer.double().cpu().numpy())
-                rewards[step] = torch.as_tensor(reward * args.reward_scale, dtype=torch.float32, device=device)
-                next_obs = torch.as_tensor(next_obs_np, device=device)
-                next_done = torch.as_tensor(terminations | truncations, dtype=torch.float32, device=device)
-                if "final_info" in infos:
-                    episode_costs.append({k: infos["final_info"][k] for k in ("total_cost", "lataccel_cost",
-                                                                               "jerk_cost")})
-
+            if isinstance(model, te.TinyPhysicsModel):
+                torch.set_num_threads(1)
+            next_obs, next_done, episode_costs = rollout(agent, policy_step, envs, buf, next_obs, next_done, args,
+                                                         reward_norm, autocast)
             torch.set_num_threads(update_threads)
+            global_step += batch_size
 
-            # GAE
-            with torch.no_grad():
-                next_value = agent.get_value(next_obs).reshape(1, -1)[0]
-                advantages, returns = compute_gae(rewards, values, dones, next_value, next_done,
-                                                  args.gamma, args.gae_lambda)
-
-            # The clipped update
-            b_obs, b_actions = obs.reshape(-1, te.OBS_DIM), actions.reshape(-1, 1)
-            b_logprobs, b_advantages = logprobs.reshape(-1), advantages.reshape(-1)
-            b_returns, b_values = returns.reshape(-1), values.reshape(-1)
-            b_inds = np.arange(local_batch_size)
-            clipfracs = []
-            for _epoch in range(args.update_epochs):
-                np.random.shuffle(b_inds)
-                for start in range(0, local_batch_size, minibatch_size):
-                    mb = torch.as_tensor(b_inds[start:start + minibatch_size], device=device)
-                    with autocast:
-                        loss, pg_loss, v_loss, entropy_loss, old_approx_kl, approx_kl, clipfrac = loss_fn(
-                            agent, b_obs[mb], b_actions[mb], b_logprobs[mb], b_advantages[mb], b_returns[mb],
-                            b_values[mb], args.clip_coef, args.norm_adv, args.clip_vloss, args.ent_coef,
-                            args.vf_coef)
-                    clipfracs.append(clipfrac.item())
-                    optimizer.zero_grad()
-                    loss.backward()
-                    if world > 1:
-                        average_gradients(agent, world)
-                    nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
-                    optimizer.step()
-                if args.target_kl is not None and mean_over_processes([approx_kl.item()], world, device)[0] > \
-                        args.target_kl:
-                    break
+            # GAE (and the per-segment baseline), then the clipped update
+            advantages, returns = advantages_and_returns(agent, buf, next_obs, next_done, args)
+            row = ppo_update(agent, optimizer, loss_fn, buf, advantages, returns, args, world, autocast)
 
             # Logging: means over processes (every process is equal in size), written by rank 0
-            y_pred, y_true = b_values.cpu().numpy(), b_returns.cpu().numpy()
-            var_y = np.var(y_true)
-            explained_var = np.nan if var_y == 0 else 1 - np.var(y_true - y_pred) / var_y
-            row = {"policy_loss": pg_loss.item(), "value_loss": v_loss.item(), "entropy": entropy_loss.item(),
-                   "approx_kl": approx_kl.item(), "clipfrac": float(np.mean(clipfracs)),
-                   "explained_variance": float(explained_var), "old_approx_kl": old_approx_kl.item()}
-            for key in ("total_cost", "lataccel_cost", "jerk_cost"):
-                done_costs = [c[key] for c in episode_costs]
-                row[f"episodic_{key}"] = float(np.mean(np.concatenate(done_costs))) if done_costs else np.nan
+            row.update(episodic_means(episode_costs))
             row["stop"] = float(stop.signum > 0)  # a signal to any process stops them all at the same iteration
             row = dict(zip(row, mean_over_processes(list(row.values()), world, device)))
             stopping = row.pop("stop") > 0
             row.update(global_step=global_step, learning_rate=optimizer.param_groups[0]["lr"], eval_total_cost=np.nan,
                        sps=batch_size / (time.perf_counter() - iteration_start))
             if lead:
-                for key in ("total_cost", "lataccel_cost", "jerk_cost"):
-                    if np.isfinite(row[f"episodic_{key}"]):
-                        writer.add_scalar(f"charts/episodic_{key}", row[f"episodic_{key}"], global_step)
-                writer.add_scalar("charts/learning_rate", row["learning_rate"], global_step)
-                writer.add_scalar("charts/SPS", row["sps"], global_step)
-                for key in ("policy_loss", "value_loss", "entropy", "approx_kl", "clipfrac", "explained_variance",
-                            "old_approx_kl"):
-                    writer.add_scalar(f"losses/{key}", row[key], global_step)
+                write_scalars(writer, row, global_step)
 
             # Evaluation and checkpoints
             if lead and (crossed(global_step, batch_size, args.eval_every) or iteration == num_iterations):
-                costs = evaluate(agent, eval_model, eval_segments)
-                row["eval_total_cost"] = float(costs["total_cost"].mean())
-                for key in ("total_cost", "lataccel_cost", "jerk_cost"):
-                    writer.add_scalar(f"eval/{key}", float(costs[key].mean()), global_step)
+                row["eval_total_cost"] = write_eval(writer, evaluate(agent, eval_model, eval_segments), global_step)
                 if row["eval_total_cost"] < best_eval:
                     best_eval = row["eval_total_cost"]
                     save_checkpoint(policy_checkpoint(agent, args=dataclasses.asdict(args), global_step=global_step,

@@ -196,6 +196,8 @@ from . import BaseController
 WEIGHTS = Path(__file__).with_name("{weights}")
 
 
+{teacher_source}
+
 {policy_source}
 
 class Controller(BaseController):
@@ -211,12 +213,14 @@ class Controller(BaseController):
         self.past_actions = [0.0] * self.history
         self.past_lataccel = []
         self.error_integral = 0.0
+        self.error = 0.0
 
     def update(self, target_lataccel, current_lataccel, state, future_plan):
         t = self.step
         self.step += 1
         self.past_lataccel.append(current_lataccel)
-        self.error_integral += target_lataccel - current_lataccel
+        prev_error, self.error = self.error, target_lataccel - current_lataccel
+        self.error_integral += self.error
         if t < self.control_start:
             # The simulator replaces answers before control starts with the logged steer.
             self.past_actions.append(0.0)
@@ -227,8 +231,8 @@ class Controller(BaseController):
             values = list(values)[:self.future_len] or [fallback]
             future += values + [values[-1]] * (self.future_len - len(values))
         obs = np.array([target_lataccel, current_lataccel] + now + self.past_actions[-self.history:]
-                       + self.past_lataccel[-self.history:] + future + [self.error_integral],
-                       dtype=np.float64).astype(np.float32)
+                       + self.past_lataccel[-self.history:] + future + [self.error_integral, prev_error],
+                       dtype=np.float64)
         steer = float(np.clip(numpy_policy(self.params, obs[None])[0], *self.steer_range))
         self.past_actions.append(steer)
         return steer
@@ -250,6 +254,7 @@ def export_controller(model_path: str, out_path: str) -> tuple[Path, Path]:
               "steer_max": np.array(te.STEER_RANGE[1])}
     te.write_atomic(weights, lambda f: np.savez(f, **params))
     source = CONTROLLER_TEMPLATE.format(weights=weights.name, stem=out.stem,
+                                        teacher_source=inspect.getsource(pl.teacher_steer),
                                         policy_source=inspect.getsource(pl.numpy_policy))
     write_text_atomic(str(out), source)
     return out, weights

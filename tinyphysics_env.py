@@ -517,8 +517,9 @@ class UniformStream:
     def __init__(self, seed: int | None):
         self.generator = np.random.default_rng(seed)
 
-    def random(self, n: int) -> np.ndarray:
-        return self.generator.random(n)
+    def random(self, n: int, repeat: int = 1) -> np.ndarray:
+        """n uniforms, each repeated `repeat` times in a row."""
+        return np.repeat(self.generator.random(n), repeat)
 
     def get_state(self) -> Any:
         return self.generator.bit_generator.state
@@ -530,6 +531,7 @@ class UniformStream:
 # --- The model in plain torch ------------------------------------------------------------------
 SIM_BACKENDS = ("auto", "onnx", "torch")
 SIM_PRECISIONS = ("fp32", "tf32", "bf16")
+SIM_DYNAMICS = ("sampled", "expected")
 LAYER_NORM_EPS = 1e-5  # the graph's layer norms add this before the square root
 
 
@@ -706,10 +708,11 @@ class TorchUniformStream:
         else:
             self.generator.manual_seed(seed)
 
-    def random(self, n: int):
+    def random(self, n: int, repeat: int = 1):
         import torch
 
-        return torch.rand(n, generator=self.generator, device=self.generator.device, dtype=torch.float64)
+        u = torch.rand(n, generator=self.generator, device=self.generator.device, dtype=torch.float64)
+        return u.repeat_interleave(repeat) if repeat > 1 else u
 
     def get_state(self) -> Any:
         return self.generator.get_state()
@@ -784,14 +787,26 @@ class TinyPhysicsSim:
     the random stream of each segment is the official one and scores are official-exact;
     otherwise a fast numpy Generator seeded with `seed` draws the uniforms, and the scores are
     NOT official-exact (the sampled noise differs), which is what training wants.
+
+    Two training-only modes, neither official-exact: `noise_group=K` gives each run of K consecutive
+    rows the same uniform at every step (common random numbers, for K rollouts of one segment), and
+    `dynamics="expected"` makes the next lateral acceleration the expectation of the clipped decoded
+    token under the model's distribution instead of a sample (no simulator noise at all).
     """
 
     def __init__(self, model: SimModel, official_rng: bool = True, seed: int | None = None,
-                 expected_reward: bool = False):
+                 expected_reward: bool = False, dynamics: str = "sampled", noise_group: int = 1):
+        if dynamics not in SIM_DYNAMICS:
+            raise TinyPhysicsError(f"--sim-dynamics {dynamics}: use one of {', '.join(SIM_DYNAMICS)}")
+        if official_rng and (dynamics != "sampled" or noise_group != 1):
+            raise TinyPhysicsError("official scoring samples every segment's own stream: expected dynamics and "
+                                   "shared noise are for training only")
         self.model = model
         self.official_rng = official_rng
         self.seed(seed)
         self.expected_reward = expected_reward
+        self.dynamics = dynamics
+        self.noise_group = noise_group
 
     def reset(self, segments: Segments) -> None:
         """Load a batch of segments and fill steps 0..19 from the data."""
@@ -828,12 +843,10 @@ class TinyPhysicsSim:
             previous = self.current[:, t - 1]
             low, high = previous - MAX_ACC_DELTA, previous + MAX_ACC_DELTA
             sampled, probs = self._sample(t)
-            self.current[:, t] = np.clip(decode(sampled), low, high)
-            if self.expected_reward:
-                outcomes = np.clip(BINS, low[:, None], high[:, None])
-                p = probs.astype(np.float64)
-                self.pred_mean[:, t] = np.sum(p * outcomes, axis=1)
-                self.pred_var[:, t] = np.maximum(np.sum(p * outcomes**2, axis=1) - self.pred_mean[:, t] ** 2, 0.0)
+            if self.expected_reward or self.dynamics == "expected":
+                self.pred_mean[:, t], self.pred_var[:, t] = clipped_moments(probs, low, high)
+            self.current[:, t] = self.pred_mean[:, t] if self.dynamics == "expected" else \
+                np.clip(decode(sampled), low, high)
         self.t = t + 1
 
     def warm_up(self) -> None:
@@ -846,9 +859,12 @@ class TinyPhysicsSim:
         states = np.stack([self.actions[:, window], self.data["roll_lataccel"][:, window],
                            self.data["v_ego"][:, window], self.data["a_ego"][:, window]], axis=-1)
         tokens = encode(self.current[:, t - CONTEXT_LENGTH:t])
-        uniforms = self.uniforms[:, t - CONTEXT_LENGTH] if self.official_rng else self.rng.random(self.batch_size)
+        if self.official_rng:
+            uniforms = self.uniforms[:, t - CONTEXT_LENGTH]
+        else:
+            uniforms = self.rng.random(self.batch_size // self.noise_group, repeat=self.noise_group)
         return self.model.sample(states.astype(np.float32), tokens.astype(np.int64), uniforms,
-                                 with_probs=self.expected_reward)
+                                 with_probs=self.expected_reward or self.dynamics == "expected")
 
     def seed(self, seed: int | None) -> None:
         """Restart the training-mode random stream (on the model's device for the torch backend)."""
@@ -878,6 +894,14 @@ class TinyPhysicsSim:
             raise RuntimeError("costs need a rollout that reached step 499")
         return compute_costs(self.target[:, CONTROL_START_IDX:COST_END_IDX],
                              self.current[:, CONTROL_START_IDX:COST_END_IDX])
+
+
+def clipped_moments(probs: np.ndarray, low: np.ndarray, high: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and variance per row of the decoded token clipped to [low, high], under probs [B, 1024]."""
+    outcomes = np.clip(BINS, low[:, None], high[:, None])
+    p = probs.astype(np.float64)
+    mean = np.sum(p * outcomes, axis=1)
+    return mean, np.maximum(np.sum(p * outcomes**2, axis=1) - mean**2, 0.0)
 
 
 def compute_costs(target: np.ndarray, current: np.ndarray) -> dict[str, np.ndarray]:
@@ -989,11 +1013,11 @@ def rollout_controllers(sim: TinyPhysicsSim, segments: Segments, make_controller
 
 
 def rollout_policy(sim: TinyPhysicsSim, segments: Segments, act: Callable[[np.ndarray], np.ndarray]) -> dict:
-    """Score a policy that maps a batch of observations (see `observe`) to steer, from step 100."""
+    """Score a policy that maps a batch of float64 observations (see `observe`) to steer, from step 100."""
     sim.reset(segments)
     sim.warm_up()
     while sim.t < COST_END_IDX:
-        sim.step(act(observe(sim)))
+        sim.step(act(observe(sim, np.float64)))
     return sim.costs()
 
 
@@ -1045,7 +1069,7 @@ OBS_LAYOUT = (
     ("target_lataccel", 1), ("current_lataccel", 1), ("roll_lataccel", 1), ("v_ego", 1), ("a_ego", 1),
     ("past_actions", OBS_HISTORY), ("past_lataccel", OBS_HISTORY),
     ("future_lataccel", FUTURE_LEN), ("future_roll_lataccel", FUTURE_LEN),
-    ("future_v_ego", FUTURE_LEN), ("future_a_ego", FUTURE_LEN), ("error_integral", 1),
+    ("future_v_ego", FUTURE_LEN), ("future_a_ego", FUTURE_LEN), ("error_integral", 1), ("prev_error", 1),
 )
 OBS_DIM = sum(n for _, n in OBS_LAYOUT)
 
@@ -1059,8 +1083,9 @@ def obs_slices() -> dict[str, slice]:
     return out
 
 
-def observe(sim: TinyPhysicsSim) -> np.ndarray:
-    """[B, OBS_DIM] float32 observation before the action of step t (layout in OBS_LAYOUT).
+def observe(sim: TinyPhysicsSim, dtype=np.float32) -> np.ndarray:
+    """[B, OBS_DIM] observation before the action of step t (layout in OBS_LAYOUT), float32 for the
+    Gymnasium spaces; scoring asks for float64 so that a policy can recompute a PID from it exactly.
 
     It holds exactly what an official-interface controller can know, so that a policy on it can be
     exported as one: target_lataccel, roll_lataccel, v_ego, a_ego of step t; current_lataccel, the
@@ -1069,7 +1094,8 @@ def observe(sim: TinyPhysicsSim) -> np.ndarray:
     controller's answers there with the log's, which a controller never sees; the future rows
     t+1..t+49, repeating the segment's last row where it ends sooner; and error_integral, the sum of
     target - current lateral acceleration over every controller call so far (steps 20..t, as a PID
-    accumulates it: target of step k minus the latest current at k), summed in step order.
+    accumulates it: target of step k minus the latest current at k), summed in step order; and
+    prev_error, that error at the previous call (a PID's derivative term needs it).
     """
     t = sim.t
     d = sim.data
@@ -1080,8 +1106,9 @@ def observe(sim: TinyPhysicsSim) -> np.ndarray:
     future = [d[f][:, t + 1:t + FUTURE_PLAN_STEPS] for f in ("target_lataccel", "roll_lataccel", "v_ego", "a_ego")]
     errors = d["target_lataccel"][:, CONTEXT_LENGTH:t + 1] - sim.current[:, CONTEXT_LENGTH - 1:t]
     integral = np.cumsum(errors, axis=1)[:, -1:]  # cumsum adds in order, as a controller's running sum does
-    return np.concatenate(now + [past_actions, sim.current[:, t - OBS_HISTORY:t]] + future + [integral],
-                          axis=1).astype(np.float32)
+    previous = errors[:, -2:-1]
+    return np.concatenate(now + [past_actions, sim.current[:, t - OBS_HISTORY:t]] + future + [integral, previous],
+                          axis=1).astype(dtype)
 
 
 def episode_info(costs: dict[str, np.ndarray], segments: Segments) -> dict[str, Any]:
@@ -1145,18 +1172,28 @@ class TinyPhysicsVectorEnv(gym.vector.VectorEnv):
     [...]}) picks them explicitly (as evaluation does). expected_reward=True pays each step's
     expected cost over the simulator's sampling instead of the sampled one (see
     `TinyPhysicsSim.step_reward`): the same objective with less noise; info costs stay the real ones.
+
+    samples_per_segment=K runs each drawn segment in K consecutive sub-environments (num_envs / K
+    segments at a time), so that their K returns can serve as each other's baseline; common_noise
+    gives those K the same simulator noise, and dynamics="expected" removes it (both training-only,
+    see `TinyPhysicsSim`).
     """
 
     def __init__(self, num_envs: int = 1, model_path: str | None = None, data_path: str | None = None,
                  segments: Segments | None = None, official_rng: bool = False, threads: int = 0,
                  autoreset_mode: str | gym.vector.AutoresetMode = "next_step", model: SimModel | None = None,
-                 expected_reward: bool = False):
+                 expected_reward: bool = False, samples_per_segment: int = 1, common_noise: bool = False,
+                 dynamics: str = "sampled"):
         if num_envs < 1:
             raise TinyPhysicsError(f"num_envs={num_envs}: need at least one environment")
-        self.num_envs = num_envs
+        if samples_per_segment < 1 or num_envs % samples_per_segment:
+            raise TinyPhysicsError(f"--samples-per-segment {samples_per_segment} must be at least 1 and divide "
+                                   f"the {num_envs} environments")
+        self.num_envs, self.samples_per_segment = num_envs, samples_per_segment
         self.model = model or TinyPhysicsModel(resolve_model_path(model_path), threads=threads)
         self.pool = segments if segments is not None else load_segments(resolve_data_path(data_path))
-        self.sim = TinyPhysicsSim(self.model, official_rng=official_rng, expected_reward=expected_reward)
+        self.sim = TinyPhysicsSim(self.model, official_rng=official_rng, expected_reward=expected_reward,
+                                  dynamics=dynamics, noise_group=samples_per_segment if common_noise else 1)
         if isinstance(autoreset_mode, str):
             autoreset_mode = gym.vector.AutoresetMode[autoreset_mode.upper()]
         if autoreset_mode == gym.vector.AutoresetMode.DISABLED:
@@ -1172,11 +1209,11 @@ class TinyPhysicsVectorEnv(gym.vector.VectorEnv):
 
     def _draw_segments(self) -> np.ndarray:
         picked = []
-        while len(picked) < self.num_envs:
+        while len(picked) < self.num_envs // self.samples_per_segment:
             if not self._order:
                 self._order = self.np_random.permutation(len(self.pool)).tolist()
             picked.append(self._order.pop())
-        return np.array(picked)
+        return np.repeat(picked, self.samples_per_segment)
 
     def _start_episodes(self, indices: np.ndarray | None = None) -> tuple[np.ndarray, dict]:
         self._indices = self._draw_segments() if indices is None else np.asarray(indices)

@@ -115,3 +115,23 @@ def test_observation_layout(model, real_segments):
         for k in range(te.CONTEXT_LENGTH, t + 1):
             running += seg.target_lataccel[i, k] - sim.current[i, k - 1]
         assert obs[i, parts["error_integral"]][0] == np.float32(running)
+        assert te.observe(sim, np.float64)[i, parts["error_integral"]][0] == running  # exactly, in float64
+        previous = seg.target_lataccel[i, t - 1] - sim.current[i, t - 2]  # what a PID's derivative subtracts
+        assert te.observe(sim, np.float64)[i, parts["prev_error"]][0] == previous
+    np.testing.assert_array_equal(te.observe(sim, np.float64).astype(np.float32), obs)
+
+
+def test_samples_per_segment_run_each_segment_k_times_with_common_noise(model, real_segments):
+    env = te.TinyPhysicsVectorEnv(6, segments=real_segments, model=model, samples_per_segment=3, common_noise=True)
+    obs, info = env.reset(seed=0)
+    names = list(info["segment"])
+    assert names[:3] == [names[0]] * 3 and names[3:] == [names[3]] * 3 and names[0] != names[3]
+    for _ in range(30):  # the same steer and the same noise: copies of a segment stay identical
+        obs, *_ = env.step(np.zeros((6, 1)))
+    np.testing.assert_array_equal(env.sim.current[1], env.sim.current[0])
+    np.testing.assert_array_equal(env.sim.current[5], env.sim.current[3])
+    independent = te.TinyPhysicsVectorEnv(6, segments=real_segments, model=model, samples_per_segment=3)
+    independent.reset(seed=0)
+    for _ in range(30):  # without common noise the copies' samples differ
+        independent.step(np.zeros((6, 1)))
+    assert not np.array_equal(independent.sim.current[1], independent.sim.current[0])

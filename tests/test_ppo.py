@@ -141,7 +141,8 @@ def test_compile_runs_on_cpu(tiny):
 def test_numpy_policy_mirrors_the_torch_agent():
     """numpy_policy (official scoring, export) and the torch agent (training) map observations to the same steer."""
     obs = np.random.default_rng(0).normal(0, 1, (50, te.OBS_DIM)).astype(np.float32)
-    for mode in ("delta", "absolute"):
+    obs[:, te.obs_slices()["v_ego"]] += 20.0
+    for mode in ("delta", "absolute", "residual"):
         agent = pl.Agent(te.OBS_DIM, 16, mode, 0.25)
         torch.nn.init.normal_(agent.actor_mean[-1].weight, std=0.5)  # a policy whose actions are not all ~0
         x = torch.as_tensor(obs)
@@ -165,6 +166,9 @@ def _cli(tmp_path, *flags, **kwargs):
     (["--total-timesteps", "10"], "less than one batch"),
     (["--sim-backend", "torch", "--cuda-graphs"], "--cuda-graphs needs a CUDA device"),
     (["--sim-backend", "onnx", "--sim-precision", "bf16"], "apply to --sim-backend torch only"),
+    (["--samples-per-segment", "3"], "--samples-per-segment 3 must divide the 4 environments"),
+    (["--segment-baseline"], "add --samples-per-segment K"),
+    (["--residual-scale", "0"], "--residual-scale 0.0: must be positive"),
 ])
 def test_bad_arguments_are_refused_before_any_work(tmp_path, model_path, real_data, flags, message):
     base = ["--sim-model-path", str(model_path), "--eval-data-path", str(real_data), "--synthetic-train", "16",
@@ -244,5 +248,86 @@ def test_feedforward_teacher_beats_pid_on_synthetic_segments(model, synthetic_da
 
 
 def test_feedforward_teacher_warm_start_trains(tiny):
-    stats = _stats(pl.train(tiny(bc_teacher="pid_ff", total_timesteps=160)))
+    stats = _stats(pl.train(tiny(teacher="pid_ff", total_timesteps=160)))
     assert np.isfinite(stats["eval_total_cost"]).sum() == 2 and np.isfinite(stats["policy_loss"][1:]).all()
+
+
+# --- Learning past the teacher: residual policy, per-segment baseline, reward normalisation -------------
+@pytest.mark.parametrize("teacher", ["pid", "pid_ff"])
+def test_residual_policy_at_step_0_is_the_teacher(model, real_segments, teacher):
+    """The actor's output starts at exactly zero and the teacher is recomputed from the float64 observation
+    with the controller's own arithmetic, so the per-segment official costs are the teacher's to the bit."""
+    agent = pl.Agent(te.OBS_DIM, 16, "residual", 0.25, teacher=teacher)
+    policy = pl.evaluate(agent, model, real_segments)
+    official = te.rollout_controllers(te.TinyPhysicsSim(model), real_segments, te.BUILTIN_CONTROLLERS[teacher])
+    np.testing.assert_array_equal(policy["total_cost"], official["total_cost"])
+    # From float32 observations (what the network is trained on) the teacher is close, not exact.
+    sim = te.TinyPhysicsSim(model)
+    sim.reset(real_segments)
+    sim.warm_up()
+    for _ in range(50):
+        sim.step(pl.teacher_steer(agent.teacher_params, te.observe(sim, np.float64)))
+    exact = pl.teacher_steer(agent.teacher_params, te.observe(sim, np.float64))
+    rounded = pl.teacher_steer(agent.teacher_params, te.observe(sim).astype(np.float64))
+    assert 0 < np.abs(exact - rounded).max() < 1e-5
+
+
+def test_residual_training_starts_from_the_teacher(tiny, model, real_data):
+    run_dir = pl.train(tiny(action_mode="residual", total_timesteps=160))
+    stats = _stats(run_dir)
+    held_out = te.load_segments(real_data).subset([0, 1])
+    teacher = te.rollout_controllers(te.TinyPhysicsSim(model), held_out, te.PIDFeedforwardController)
+    assert stats["eval_total_cost"][0] == teacher["total_cost"].mean()  # row 0: before any update
+    agent, _ = pl.load_agent(run_dir / "final_model.pt")
+    assert agent.actor_mean[-1].weight.abs().max() > 0  # PPO moved it
+
+
+def test_segment_baseline_by_hand():
+    """2 steps, 4 envs = 2 segments x K=2: centring subtracts the pair's mean at each step; normalising
+    divides each pair by the standard deviation of its 4 centred entries."""
+    advantages = torch.tensor([[1.0, 3.0, 10.0, 30.0], [2.0, 6.0, -10.0, 10.0]])
+    centred = pl.segment_advantages(advantages, 2, center=True, normalize=False)
+    np.testing.assert_allclose(centred.numpy(), [[-1.0, 1.0, -10.0, 10.0], [-2.0, 2.0, -10.0, 10.0]])
+    both = pl.segment_advantages(advantages, 2, center=True, normalize=True)
+    sd_a, sd_b = np.std([-1, 1, -2, 2], ddof=1), np.std([-10, 10, -10, 10], ddof=1)
+    np.testing.assert_allclose(both.numpy(), [[-1 / sd_a, 1 / sd_a, -10 / sd_b, 10 / sd_b],
+                                              [-2 / sd_a, 2 / sd_a, -10 / sd_b, 10 / sd_b]], rtol=1e-6)
+    # K = 1: every environment is its own segment; normalising weighs each alike.
+    alone = pl.segment_advantages(advantages, 1, center=False, normalize=True)
+    np.testing.assert_allclose(alone.numpy(), (advantages / advantages.std(dim=0)).numpy(), rtol=1e-6)
+
+
+def test_reward_normalizer_tracks_the_discounted_return():
+    norm = pl.RewardNormalizer(3, gamma=0.5)
+    rng = np.random.default_rng(0)
+    seen, running = [], np.zeros(3)
+    for step in range(40):
+        reward, done = rng.normal(0, 5, 3), np.array([step % 7 == 6] * 3)
+        out = norm(reward, done)
+        running = running * 0.5 + reward
+        seen.append(running.copy())
+        np.testing.assert_allclose(out, reward / np.sqrt(np.var(np.concatenate(seen)) + 1e-8), rtol=1e-3)
+        running[done] = 0.0
+
+
+def test_learning_rate_schedules(tiny):
+    args = tiny(learning_rate=1.0, lr_schedule="cosine", final_lr_fraction=0.1)
+    assert pl.learning_rate_at(1, 4, args) == pytest.approx(1.0)
+    assert pl.learning_rate_at(3, 4, args) == pytest.approx(0.1 + 0.9 * 0.5)  # halfway: the middle
+    assert pl.learning_rate_at(2, 4, tiny(learning_rate=1.0)) == pytest.approx(0.75)  # linear
+    assert pl.learning_rate_at(4, 4, tiny(learning_rate=1.0, lr_schedule="constant")) == 1.0
+
+
+def test_resume_is_exact_with_the_new_options(tiny):
+    options = dict(action_mode="residual", samples_per_segment=2, common_noise=True, segment_baseline=True,
+                   segment_norm=True, norm_reward=True, lr_schedule="cosine", critic_hidden=24)
+    full = pl.train(tiny(total_timesteps=640, checkpoint_every=240, **options))
+    resumed = pl.train(dataclasses.replace(tiny(), resume=str(full / "checkpoints" / "checkpoint_240.pt")))
+    _same_stats(_stats(full), _stats(resumed))
+    for k, v in _weights(full / "final_model.pt").items():
+        assert torch.equal(v, _weights(resumed / "final_model.pt")[k]), k
+
+
+def test_expected_dynamics_training_runs(tiny):
+    stats = _stats(pl.train(tiny(action_mode="residual", sim_dynamics="expected", total_timesteps=160)))
+    assert np.isfinite(stats["policy_loss"][1:]).all() and np.isfinite(stats["eval_total_cost"][-1])

@@ -182,3 +182,38 @@ def test_expected_reward_is_the_mean_of_the_sampled_reward(model, real_segments)
         assert abs(r_sampled.mean() - r_expected.mean()) < 4 * standard_error, t
         assert r_expected.std() < r_sampled.std()  # the step's own sampling noise is gone
     assert len(set(expected.step_reward(100).tolist())) == 1
+
+
+def test_expected_dynamics_is_the_expectation_of_the_clipped_token(model, real_segments):
+    """dynamics="expected": the next lateral acceleration is sum_k p_k * clip(bin_k, prev - 0.5, prev + 0.5)
+    under the model's temperature softmax, computed here directly from the logits."""
+    segments = real_segments.subset([0, 1, 2])
+    sim = te.TinyPhysicsSim(model, official_rng=False, seed=0, dynamics="expected")
+    sim.reset(segments)
+    sim.warm_up()
+    for _ in range(5):
+        t = sim.t
+        window = slice(t - te.CONTEXT_LENGTH + 1, t + 1)
+        steer = np.array([0.1, -0.3, 0.5])
+        actions = sim.actions.copy()
+        actions[:, t] = steer
+        states = np.stack([actions[:, window], segments.roll_lataccel[:, window], segments.v_ego[:, window],
+                           segments.a_ego[:, window]], axis=-1).astype(np.float32)
+        tokens = te.encode(sim.current[:, t - te.CONTEXT_LENGTH:t]).astype(np.int64)
+        logits = model.last_logits(states, tokens).astype(np.float64) / te.TEMPERATURE
+        probs = np.exp(logits - logits.max(axis=1, keepdims=True))
+        probs /= probs.sum(axis=1, keepdims=True)
+        previous = sim.current[:, t - 1]
+        expected = np.array([np.dot(probs[i], np.clip(te.BINS, previous[i] - te.MAX_ACC_DELTA,
+                                                      previous[i] + te.MAX_ACC_DELTA)) for i in range(3)])
+        sim.step(steer)
+        np.testing.assert_allclose(sim.current[:, t], expected, rtol=1e-6, atol=1e-7)
+        assert not np.isin(sim.current[:, t], te.BINS).all()  # a mean, not a decoded token
+
+
+def test_training_only_modes_refuse_official_scoring(model):
+    for kwargs in ({"dynamics": "expected"}, {"noise_group": 2}):
+        with pytest.raises(te.TinyPhysicsError, match="for training only"):
+            te.TinyPhysicsSim(model, official_rng=True, **kwargs)
+    with pytest.raises(te.TinyPhysicsError, match="--sim-dynamics mean: use one of sampled, expected"):
+        te.TinyPhysicsSim(model, official_rng=False, dynamics="mean")
