@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import os
 import random
 import signal
@@ -60,7 +61,9 @@ class Args:
     runs_dir: str = "runs"
     """where run folders are written"""
     resume: str | None = None
-    """continue the run of this checkpoint (its saved arguments are used)"""
+    """continue the run of this checkpoint, runs/<run>/checkpoints/checkpoint_<step>.pt, with its saved arguments,
+    in the run folder that holds it (a moved run folder resumes where it now is). It needs the same training
+    segments: with other data, start a new run instead"""
 
     # Assets and segments
     sim_model_path: str | None = None
@@ -467,7 +470,10 @@ def load_agent(path: str | Path, device: str | torch.device = "cpu") -> tuple[Ag
 
 
 def save_checkpoint(obj: dict, path: Path) -> None:
-    te.write_atomic(path, lambda f: torch.save(obj, f))
+    # Serialised in memory first: torch.save turns a full disk's OSError into an opaque RuntimeError.
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    te.write_atomic(path, lambda f: f.write(buffer.getbuffer()))
 
 
 def policy_checkpoint(agent: Agent, **extra) -> dict:
@@ -652,6 +658,20 @@ class _StopRequest:
         print(f"\nsignal {signum}: writing a checkpoint after this iteration", file=sys.stderr)
 
 
+def check_same_training_segments(saved: list[str], found: list[str], args: Args) -> None:
+    """A resumed run's environments index its training segments: refuse other data, naming what is missing."""
+    if saved == found:
+        return
+    where = f"--synthetic-train {args.synthetic_train}" if args.synthetic_train else \
+        f"--data-path {te.resolve_data_path(args.data_path)}"
+    missing = sorted(set(saved) - set(found))
+    what = (f"{len(missing)} of its {len(saved)} training segments are missing from {where} (first: {missing[0]})"
+            if missing else f"{where} holds other training segments than it was trained on ({len(found)}, not "
+            f"{len(saved)})")
+    raise te.TinyPhysicsError(f"{args.resume}: {what}; a run resumes only on its own segments, so restore them or "
+                              "start a new run")
+
+
 def learning_rate_at(iteration: int, num_iterations: int, args: Args) -> float:
     """The learning rate of an iteration (1-based) under --lr-schedule."""
     progress = (iteration - 1.0) / num_iterations
@@ -777,6 +797,9 @@ def train(args: Args, on_iteration: Callable[[dict], None] | None = None) -> Pat
             raise te.TinyPhysicsError(f"{args.resume}: a policy-only file cannot be resumed; pass a file from "
                                       "runs/<run>/checkpoints/")
         resume_path = args.resume
+        if Path(resume_path).parent.name != "checkpoints":
+            raise te.TinyPhysicsError(f"{resume_path}: not inside a run folder's checkpoints/; resume from "
+                                      "runs/<run>/checkpoints/checkpoint_<step>.pt (move whole run folders only)")
         args = Args(**{**checkpoint["args"], "resume": resume_path, "progress": args.progress})
         print(f"resuming {checkpoint['run_name']} at step {checkpoint['global_step']} with its saved arguments",
               file=sys.stderr)
@@ -794,6 +817,8 @@ def train(args: Args, on_iteration: Callable[[dict], None] | None = None) -> Pat
     train_segments, eval_segments = load_splits(args)
     if rank == 0 and world > 1:
         torch.distributed.barrier()
+    if checkpoint:
+        check_same_training_segments(checkpoint["train_segments"], train_segments.names, args)
     bc_pool = train_segments  # the warm start (on rank 0) sees them all, as in one process
     if world > 1:  # a disjoint share of the training segments for each process
         train_segments = train_segments.subset(np.arange(rank, len(train_segments), world))
@@ -822,9 +847,12 @@ def train(args: Args, on_iteration: Callable[[dict], None] | None = None) -> Pat
         print("note: --amp is ignored on CPU (autocast is used on CUDA only)", file=sys.stderr)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=args.amp and device.type == "cuda")
 
-    run_name = checkpoint["run_name"] if checkpoint else f"{args.exp_name}__{args.seed}__{int(time.time())}"
-    run_name = gather_objects(run_name, world)[0]  # rank 0's clock names the one run folder
-    run_dir = Path(args.runs_dir) / run_name
+    if checkpoint:
+        run_dir = Path(args.resume).parent.parent
+        run_name = checkpoint["run_name"]
+    else:
+        run_name = gather_objects(f"{args.exp_name}__{args.seed}__{int(time.time())}", world)[0]  # rank 0's clock
+        run_dir = Path(args.runs_dir) / run_name
     lead = rank == 0  # only rank 0 logs, evaluates and writes files
     writer = SummaryWriter(str(run_dir)) if lead else None
     if lead and not checkpoint:
@@ -895,7 +923,7 @@ def train(args: Args, on_iteration: Callable[[dict], None] | None = None) -> Pat
             save_checkpoint(policy_checkpoint(
                 agent, optimizer=optimizer.state_dict(), args=dataclasses.asdict(args), run_name=run_name,
                 global_step=global_step, iteration=iteration, stats=stats, best_eval=best_eval, **states[0],
-                **per_rank), path)
+                train_segments=bc_pool.names, **per_rank), path)
 
     try:
         for iteration in range(start_iteration, num_iterations + 1):

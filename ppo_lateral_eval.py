@@ -60,6 +60,8 @@ class Args:
     CUDA); both give the official scores"""
     cuda: bool = True
     """run the torch simulator backend on CUDA when it is present"""
+    compile: bool = False
+    """torch backend: torch.compile the simulator model (scores stay official-exact)"""
     progress: bool = True
     """show progress bars (only on a terminal)"""
 
@@ -84,7 +86,7 @@ def policy_scorer(model_path: str) -> Scorer:
 def controller_scorer(name_or_file: str) -> Scorer:
     controller = te.load_controller(name_or_file)
     label = name_or_file if name_or_file in te.BUILTIN_CONTROLLERS else Path(name_or_file).stem
-    return Scorer(label, lambda sim, segs: te.rollout_controllers(sim, segs, controller))
+    return Scorer(label, lambda sim, segs: te.rollout_controllers(sim, segs, controller, name_or_file))
 
 
 def score(scorer: Scorer, model: te.SimModel, segments: te.Segments, batch_size: int,
@@ -130,8 +132,9 @@ def _png(fig) -> str:
 
 
 def report_html(table: pd.DataFrame, results: dict, rollouts: dict, names: list[str], test: str,
-                baseline: str | None) -> str:
-    """A self-contained page: summary table, cost histograms, sample rollouts, verdict."""
+                baseline: str | None, scored: list[str]) -> str:
+    """A self-contained page: summary table, cost histograms, sample rollouts (of `names`), verdict, for the
+    `scored` segments."""
     fig, axes = _figure(1, 3, (15, 3.6))
     for ax, key in zip(axes, COST_KEYS):
         top = max(np.quantile(c[key], 0.99) for c in results.values())
@@ -170,7 +173,8 @@ def report_html(table: pd.DataFrame, results: dict, rollouts: dict, names: list[
 td,th{{border:1px solid #ccc;padding:4px 10px;text-align:right}}img{{max-width:100%;display:block;margin:1em 0}}
 .verdict{{font-size:1.2em}}</style></head><body>
 <h1>Controls Challenge v2 evaluation</h1>
-<p>{len(names)} segments ({html.escape(names[0])} .. {html.escape(names[-1])}), official-exact costs.</p>
+<p>{len(scored)} segments ({html.escape(scored[0])} .. {html.escape(scored[-1])}), official-exact costs; sample
+rollouts of the first {len(names)}.</p>
 {verdict}
 <h2>Mean costs</h2>{table.to_html(float_format=lambda x: f"{x:.4f}")}
 <h2>Cost distributions</h2><img src='data:image/png;base64,{histograms}'>
@@ -289,8 +293,11 @@ def evaluate_cli(args: Args) -> dict:
         print(f"note: only {len(segments)} segments found; scoring all of them (--num-segs {args.num_segs})",
               file=sys.stderr)
     segments = segments.subset(np.arange(min(args.num_segs, len(segments))))
-    model = te.load_sim_model(te.resolve_model_path(args.sim_model_path), args.sim_backend,
-                              pl.pick_device(args.cuda).type, args.threads)
+    device = pl.pick_device(args.cuda).type
+    if args.compile and (args.sim_backend if args.sim_backend != "auto" else te.default_sim_backend(device)) != "torch":
+        raise te.TinyPhysicsError("--compile compiles the torch simulator: add --sim-backend torch")
+    model = te.load_sim_model(te.resolve_model_path(args.sim_model_path), args.sim_backend, device, args.threads,
+                              compile=args.compile)
     show = args.progress and sys.stderr.isatty()
 
     scorers = [test] + ([baseline] if baseline else [])
@@ -312,7 +319,7 @@ def evaluate_cli(args: Args) -> dict:
         shown = segments.subset(np.arange(min(3, len(segments))))
         rollouts = {s.name: sample_rollouts(s, model, shown) for s in scorers}
         write_text_atomic(args.report, report_html(table, results, rollouts, shown.names, test.name,
-                                                   baseline.name if baseline else None))
+                                                   baseline.name if baseline else None, segments.names))
     if args.export_controller:
         py, npz = export_controller(args.model_path, args.export_controller)
         print(f"exported {py} and {npz}")

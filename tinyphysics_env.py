@@ -9,6 +9,7 @@ is the official program's wherever it decides a sampled token or a cost.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import importlib
 import json
@@ -16,6 +17,7 @@ import os
 import shutil
 import sys
 import tempfile
+import traceback
 import urllib.error
 import urllib.request
 import zipfile
@@ -64,11 +66,19 @@ class TinyPhysicsError(Exception):
     """A problem with the user's input; its message is one line naming the problem and the fix."""
 
 
+class ControllerFailed(TinyPhysicsError):
+    """A user's controller raised: the message names the controller, segment and step, and the
+    controller's own exception is kept as the cause so that its traceback can be shown."""
+
+
 def run_cli(main: Callable[[], Any]) -> Any:
-    """Run a script's main, turning a TinyPhysicsError into a one-line message and exit code 2."""
+    """Run a script's main, turning a TinyPhysicsError into a one-line message and exit code 2 (after
+    the traceback of a failing controller, which is the user's own code)."""
     try:
         return main()
     except TinyPhysicsError as e:
+        if isinstance(e, ControllerFailed) and e.__cause__ is not None:
+            traceback.print_exception(e.__cause__, file=sys.stderr)
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
 
@@ -94,16 +104,37 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "tinyphysics"
 
 
+STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def write_atomic(path: Path, write: Callable[[Any], None]) -> None:
     """write(file) into a temporary file beside path, then rename it over path: a file that is there is
-    whole; on any failure nothing is left behind."""
+    whole; on any failure nothing is left behind, and the file that was there before is untouched. The
+    file gets the permissions open() would give (0666 less the umask), not the temporary file's 0600.
+    A full disk or another write error is a TinyPhysicsError naming the file."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    except OSError as e:
+        raise TinyPhysicsError(f"{path}: cannot be written ({e.strerror}); check the folder's permissions") from None
+    try:
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             write(f)
         os.replace(tmp_name, path)
+    except OSError as e:
+        if e.errno not in STORAGE_ERRNOS:  # not the disk's fault (a download's network error, say)
+            raise
+        kept = "the previous file is untouched" if path.exists() else "nothing was written"
+        fix = "free some disk space" if e.errno in (errno.ENOSPC, errno.EDQUOT) else "check the disk"
+        raise TinyPhysicsError(f"{path}: writing it failed ({e.strerror}); {kept}; {fix} and run again") from None
     finally:
         Path(tmp_name).unlink(missing_ok=True)
 
@@ -294,16 +325,39 @@ def load_segments(data_path: str | Path, progress: bool = True) -> Segments:
     else:
         cache = _segment_cache_dir(files[0].parent)
         key = _fingerprint(files)
-        array_file, meta_file = cache / f"segments-{key}.npy", cache / f"segments-{key}.json"
-        if array_file.is_file() and meta_file.is_file():
-            arrays = np.load(array_file, mmap_mode="r")
-            lengths = np.array(json.loads(meta_file.read_text())["lengths"])
+        cached = _read_cache(cache, key, names)
+        if cached is not None:
+            arrays, lengths = cached
         else:
             arrays = np.stack([_read_segment_csv(f) for f in tqdm(files, desc="reading segments", unit="file",
                                                                    disable=not progress or len(files) < 200)])
             lengths = np.array([_count_rows(f) for f in files])
             _write_cache(cache, key, arrays, {"names": names, "lengths": lengths.tolist()})
     return Segments(names, lengths, *(arrays[:, i] for i in range(5)))
+
+
+def _read_cache(cache: Path, key: str, names: list[str]) -> tuple[np.ndarray, np.ndarray] | None:
+    """The cached (arrays, lengths) if the cache is whole and describes exactly these files; None if there is
+    none, and, with a one-line note, if it is damaged or does not match (the caller rebuilds it)."""
+    array_file, meta_file = cache / f"segments-{key}.npy", cache / f"segments-{key}.json"
+    if not (array_file.is_file() and meta_file.is_file()):
+        return None
+    try:
+        meta = json.loads(meta_file.read_text())
+        arrays = np.load(array_file, mmap_mode="r", allow_pickle=False)
+        lengths = np.asarray(meta["lengths"], dtype=np.int64)
+        problem = next((why for ok, why in (
+            (arrays.dtype == np.float64, f"dtype {arrays.dtype}"),
+            (arrays.shape == (len(names), 5, ROWS_USED), f"shape {arrays.shape}"),
+            (meta["names"] == names, "other segment names"),
+            (lengths.shape == (len(names),) and (lengths >= COST_END_IDX).all(), "bad segment lengths"),
+        ) if not ok), None)
+    except (OSError, ValueError, KeyError, TypeError) as e:  # truncated, overwritten, pickled, not JSON
+        problem = f"{type(e).__name__}: {e}".splitlines()[0]
+    if problem is None:
+        return arrays, lengths
+    print(f"note: segment cache {array_file} is damaged ({problem}); rebuilding it from the CSVs", file=sys.stderr)
+    return None
 
 
 def _count_rows(path: Path) -> int:
@@ -315,12 +369,15 @@ def _write_cache(cache: Path, key: str, arrays: np.ndarray, meta: dict) -> None:
     """Replace any older cache with this one; a failure to write only costs the next reload time."""
     try:
         cache.mkdir(parents=True, exist_ok=True)
+        ours = {f"segments-{key}.npy", f"segments-{key}.json"}
         for old in cache.glob("segments-*"):
-            old.unlink(missing_ok=True)
-        # The .json goes last: its presence says the .npy beside it is complete.
+            if old.name not in ours:  # another process may be writing this very cache: leave its files
+                old.unlink(missing_ok=True)
+        # The .json goes last: its presence says the .npy beside it is complete. Two processes building
+        # the same cache at once each rename a whole file into place, so either pair is valid.
         write_atomic(cache / f"segments-{key}.npy", lambda f: np.save(f, arrays))
         write_atomic(cache / f"segments-{key}.json", lambda f: f.write(json.dumps(meta).encode()))
-    except OSError as e:
+    except (OSError, TinyPhysicsError) as e:
         print(f"note: segment cache not written ({e}); the next run reads the CSVs again", file=sys.stderr)
 
 
@@ -654,11 +711,17 @@ class TorchTinyPhysicsModel:
             raise TinyPhysicsError(f"{path}: not a loadable tinyphysics ONNX model ({type(e).__name__}); "
                                    "pass the official tinyphysics.onnx with --sim-model-path") from None
         self.precision = precision
-        if precision == "tf32":
-            torch.backends.cuda.matmul.allow_tf32 = True
         self._step = self._eager_step
         if compile or cuda_graphs:
             self._step = torch.compile(self._eager_step, mode="reduce-overhead" if cuda_graphs else None)
+
+    def _set_matmul_precision(self) -> None:
+        """TF32 is a process-wide switch: set before every call (outside any compiled code), so that an fp32
+        model, such as the score-exact evaluation twin, never runs in the TF32 mode a tf32 model beside it
+        asked for."""
+        import torch
+
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = self.precision == "tf32"
 
     def _logits(self, states, tokens):
         import torch
@@ -679,6 +742,7 @@ class TorchTinyPhysicsModel:
         """Logits (float32 numpy, [B, 1024]) of the last position, as `TinyPhysicsModel.last_logits`."""
         import torch
 
+        self._set_matmul_precision()
         with torch.inference_mode():
             return self._logits(*self._inputs(states, tokens)).cpu().numpy()
 
@@ -687,6 +751,7 @@ class TorchTinyPhysicsModel:
         """As `TinyPhysicsModel.sample`; `uniforms` may be a numpy array or a tensor on the device."""
         import torch
 
+        self._set_matmul_precision()
         with torch.inference_mode():
             u = torch.as_tensor(uniforms).to(self.device)
             sampled, probs = self._step(*self._inputs(states, tokens), u)
@@ -993,21 +1058,54 @@ def load_controller(name_or_file: str) -> type:
     return module.Controller
 
 
-def rollout_controllers(sim: TinyPhysicsSim, segments: Segments, make_controller: Callable[[], Any]) -> dict:
+def controller_label(make_controller: Callable[[], Any]) -> str:
+    """The file a controller class comes from (its name for the built-in ones), for error messages."""
+    for name, cls in BUILTIN_CONTROLLERS.items():
+        if make_controller is cls:
+            return name
+    module = sys.modules.get(getattr(make_controller, "__module__", ""))
+    return getattr(module, "__file__", None) or repr(make_controller)
+
+
+def checked_steer(value: Any, label: str, segment: str, t: int) -> float:
+    """A controller's answer as a float, or a one-line error naming the controller, segment and step
+    (the official program fails on these too, deep inside the model's sampling)."""
+    if not isinstance(value, str | bytes):
+        try:
+            steer = float(value)
+        except (TypeError, ValueError):
+            steer = None
+        if steer is not None and np.isfinite(steer):
+            return steer
+    raise TinyPhysicsError(f"{label}: update() returned {value!r} at step {t} of segment {segment}; a controller "
+                           "must return a finite number")
+
+
+def rollout_controllers(sim: TinyPhysicsSim, segments: Segments, make_controller: Callable[[], Any],
+                        label: str | None = None) -> dict:
     """Score one controller instance per segment, called at every step from step 20 with the
-    official arguments; returns the official costs per segment."""
+    official arguments; returns the official costs per segment. A controller that raises or returns
+    something other than a finite number (from step 100, where its answer is used) is a
+    TinyPhysicsError naming `label` (default: its file), the segment and the step."""
+    label = label or controller_label(make_controller)
     sim.reset(segments)
     controllers = [make_controller() for _ in range(len(segments))]
     columns = {f: getattr(segments, f).tolist() for f in ("roll_lataccel", "v_ego", "a_ego", "target_lataccel")}
     ends = [min(n, ROWS_USED) for n in segments.lengths.tolist()]
     for t in range(CONTEXT_LENGTH, COST_END_IDX):
-        actions = np.empty(len(controllers))
+        actions = np.zeros(len(controllers))
         current = sim.current[:, t - 1].tolist()
         for i, controller in enumerate(controllers):
             roll, v, a, target = (columns[f][i] for f in ("roll_lataccel", "v_ego", "a_ego", "target_lataccel"))
             future = slice(t + 1, min(t + FUTURE_PLAN_STEPS, ends[i]))
-            actions[i] = controller.update(target[t], current[i], State(roll[t], v[t], a[t]),
-                                           FuturePlan(target[future], roll[future], v[future], a[future]))
+            try:
+                value = controller.update(target[t], current[i], State(roll[t], v[t], a[t]),
+                                          FuturePlan(target[future], roll[future], v[future], a[future]))
+            except Exception as e:
+                raise ControllerFailed(f"{label}: update() raised {type(e).__name__} at step {t} of segment "
+                                       f"{segments.names[i]} (its traceback is above)") from e
+            if t >= CONTROL_START_IDX:  # before, the simulator uses the logged steer, as the official one does
+                actions[i] = checked_steer(value, label, segments.names[i], t)
         sim.step(actions)
     return sim.costs()
 
@@ -1017,7 +1115,12 @@ def rollout_policy(sim: TinyPhysicsSim, segments: Segments, act: Callable[[np.nd
     sim.reset(segments)
     sim.warm_up()
     while sim.t < COST_END_IDX:
-        sim.step(act(observe(sim, np.float64)))
+        steer = act(observe(sim, np.float64))
+        bad = np.flatnonzero(~np.isfinite(steer))
+        if bad.size:
+            raise TinyPhysicsError(f"the policy's steer is {steer[bad[0]]} at step {sim.t} of segment "
+                                   f"{segments.names[bad[0]]}; its weights are not finite, use an earlier checkpoint")
+        sim.step(steer)
     return sim.costs()
 
 
@@ -1072,6 +1175,31 @@ OBS_LAYOUT = (
     ("future_v_ego", FUTURE_LEN), ("future_a_ego", FUTURE_LEN), ("error_integral", 1), ("prev_error", 1),
 )
 OBS_DIM = sum(n for _, n in OBS_LAYOUT)
+# Bounds (`observation_space`): steer commands lie in STEER_RANGE (the simulator clips them; 0 before step
+# 100) and roll_lataccel = g * sin(roll) in [-g, g], whatever the data. The log's own columns (target,
+# v_ego, a_ego) have no documented range, so an environment's bounds for them are its segment pool's
+# minimum and maximum. The simulated lateral acceleration starts from the log's target and then moves
+# at most MAX_ACC_DELTA a step towards LATACCEL_RANGE, so it stays within L = max(5, largest |target|);
+# an error is at most |target| + L, and the integral sums at most one error per controller call.
+
+
+def observation_space(pool: Segments) -> gym.spaces.Box:
+    """The finite bounds of every observation of segments from `pool` (see the comment above)."""
+    data = {f: np.asarray(getattr(pool, f)) for f in ("target_lataccel", "v_ego", "a_ego")}
+    span = {f: (float(x.min()), float(x.max())) for f, x in data.items()}
+    target = float(np.abs(data["target_lataccel"]).max())
+    lataccel = max(LATACCEL_RANGE[1], target)
+    error = target + lataccel
+    known = {"roll_lataccel": (-ACC_G, ACC_G), "past_actions": STEER_RANGE,
+             "current_lataccel": (-lataccel, lataccel), "past_lataccel": (-lataccel, lataccel),
+             "error_integral": (-error * (COST_END_IDX - CONTEXT_LENGTH), error * (COST_END_IDX - CONTEXT_LENGTH)),
+             "prev_error": (-error, error)}
+    known.update({"future_roll_lataccel": known["roll_lataccel"], "future_lataccel": span["target_lataccel"],
+                  "future_v_ego": span["v_ego"], "future_a_ego": span["a_ego"]})
+    low, high = np.empty(OBS_DIM, np.float32), np.empty(OBS_DIM, np.float32)
+    for name, part in obs_slices().items():
+        low[part], high[part] = known.get(name) or span[name]
+    return gym.spaces.Box(low, high, (OBS_DIM,), np.float32)
 
 
 def obs_slices() -> dict[str, slice]:
@@ -1104,6 +1232,8 @@ def observe(sim: TinyPhysicsSim, dtype=np.float32) -> np.ndarray:
     now = [d["target_lataccel"][:, t:t + 1], sim.current[:, t - 1:t]] + \
           [d[f][:, t:t + 1] for f in ("roll_lataccel", "v_ego", "a_ego")]
     future = [d[f][:, t + 1:t + FUTURE_PLAN_STEPS] for f in ("target_lataccel", "roll_lataccel", "v_ego", "a_ego")]
+    if t + FUTURE_PLAN_STEPS > ROWS_USED:  # the terminal observation (step 500) reaches past the rows kept
+        future = [np.pad(x, ((0, 0), (0, FUTURE_LEN - x.shape[1])), mode="edge") for x in future]
     errors = d["target_lataccel"][:, CONTEXT_LENGTH:t + 1] - sim.current[:, CONTEXT_LENGTH - 1:t]
     integral = np.cumsum(errors, axis=1)[:, -1:]  # cumsum adds in order, as a controller's running sum does
     previous = errors[:, -2:-1]
@@ -1137,7 +1267,7 @@ class TinyPhysicsEnv(gym.Env):
         self.model = model or TinyPhysicsModel(resolve_model_path(model_path), threads=threads)
         self.pool = segments if segments is not None else load_segments(resolve_data_path(data_path))
         self.sim = TinyPhysicsSim(self.model, official_rng=official_rng)
-        self.observation_space = gym.spaces.Box(-np.inf, np.inf, (OBS_DIM,), np.float32)
+        self.observation_space = observation_space(self.pool)
         self.action_space = gym.spaces.Box(*STEER_RANGE, (1,), np.float32)
 
     def reset(self, *, seed: int | None = None, options: dict | None = None):
@@ -1156,8 +1286,7 @@ class TinyPhysicsEnv(gym.Env):
         reward = float(self.sim.step_reward(t)[0])
         terminated = self.sim.t == COST_END_IDX
         info = {k: v[0] for k, v in episode_info(self.sim.costs(), self.sim.segments).items()} if terminated else {}
-        obs = observe(self.sim)[0] if not terminated else np.zeros(OBS_DIM, np.float32)
-        return obs, reward, terminated, False, info
+        return observe(self.sim)[0], reward, terminated, False, info
 
 
 class TinyPhysicsVectorEnv(gym.vector.VectorEnv):
@@ -1200,7 +1329,7 @@ class TinyPhysicsVectorEnv(gym.vector.VectorEnv):
             raise TinyPhysicsError("autoreset_mode: use next_step or same_step; episodes always end together")
         self.autoreset_mode = autoreset_mode
         self.metadata = {"autoreset_mode": self.autoreset_mode}
-        self.single_observation_space = gym.spaces.Box(-np.inf, np.inf, (OBS_DIM,), np.float32)
+        self.single_observation_space = observation_space(self.pool)
         self.single_action_space = gym.spaces.Box(*STEER_RANGE, (1,), np.float32)
         self.observation_space = gym.vector.utils.batch_space(self.single_observation_space, num_envs)
         self.action_space = gym.vector.utils.batch_space(self.single_action_space, num_envs)
@@ -1246,7 +1375,7 @@ class TinyPhysicsVectorEnv(gym.vector.VectorEnv):
             return observe(self.sim), rewards, terminated, truncated, {}
         info = episode_info(self.sim.costs(), self.sim.segments)
         info.update({"_" + k: np.ones(b, bool) for k in list(info)})
-        final_obs = np.zeros((b, OBS_DIM), np.float32)
+        final_obs = observe(self.sim)  # at step 500: what a controller would see next
         if self.autoreset_mode == gym.vector.AutoresetMode.SAME_STEP:
             obs, reset_info = self._start_episodes()
             reset_info.update({"final_obs": final_obs, "_final_obs": np.ones(b, bool),

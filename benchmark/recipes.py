@@ -52,6 +52,8 @@ class Args:
     """where the training runs go"""
     results: str = "benchmark/recipes.jsonl"
     """JSON-lines file each finished run is appended to"""
+    plot: str | None = None
+    """also draw every run's held-out synthetic curve, with PID and the teacher as lines, into benchmark/<plot>.png"""
 
 
 def heldout_synthetic(n: int, seed: int) -> Path:
@@ -69,6 +71,24 @@ def controller_costs(model: te.TinyPhysicsModel, segments: te.Segments, name: st
 
 def summary(costs: np.ndarray) -> dict:
     return {"mean": float(np.mean(costs)), "median": float(np.median(costs))}
+
+
+def plot_curves(finished: dict[str, list[dict]], baselines: dict, out: Path) -> None:
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(8, 4.5))
+    ax = fig.subplots()
+    for name, records in finished.items():
+        for r in records:
+            steps, costs = r["curve"]
+            ax.plot(steps, costs, marker=".", label=f"{name} seed {r['seed']}")
+    for name, style in (("pid", "--"), ("pid_ff", ":")):
+        cost = baselines[name]["synthetic"]["mean"]
+        ax.axhline(cost, color="black", ls=style, label=f"{name} {cost:.2f}")
+    ax.set_xlabel("environment steps")
+    ax.set_ylabel("held-out synthetic total_cost (official-exact)")
+    ax.legend(fontsize=8)
+    fig.savefig(out, dpi=100, bbox_inches="tight")
 
 
 def main(args: Args) -> None:
@@ -115,7 +135,10 @@ def main(args: Args) -> None:
             print(f"| {name} | {seed} | {curve[1, 0]:.2f} | {syn['mean']:.2f} | {syn['median']:.2f} | "
                   f"{syn['mean'] / teacher['synthetic']['mean']:.3f}x | {curve[1].min():.2f} | "
                   f"{record['real']['mean']:.2f} | {wall:.0f} |", flush=True)
-    print("\n| variant | seeds | synthetic mean | synthetic median | vs pid_ff | real mean |\n|---|---:|---:|---:|---:|---:|")
+    if args.plot:
+        plot_curves(finished, baselines, ROOT / "benchmark" / f"{args.plot}.png")
+    print("\n| variant | seeds | synthetic mean | synthetic median | vs pid_ff | real mean |")
+    print("|---|---:|---:|---:|---:|---:|")
     for name, records in finished.items():
         syn = np.mean([r["synthetic"]["mean"] for r in records])
         print(f"| {name} | {len(records)} | {syn:.2f} | {np.mean([r['synthetic']['median'] for r in records]):.2f} | "
