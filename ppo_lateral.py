@@ -101,6 +101,9 @@ class Args:
     common_noise: bool = False
     """give the K rollouts of a segment the same simulator noise (common random numbers): they then differ
     only by the policy's own exploration"""
+    antithetic_noise: bool = False
+    """pair the K rollouts of a segment (K even) and give each pair opposite exploration noise, +e and -e: what
+    the noise costs whatever its sign (the jerk it adds) then cancels out of their comparison"""
     sim_dynamics: Literal["sampled", "expected"] = "sampled"
     """training dynamics: sampled (the official simulator) or expected (the next lateral acceleration is the
     mean of the model's clipped token distribution, no sampling noise). expected is a TRAINING mode whose
@@ -210,6 +213,9 @@ def validate(args: Args, world: int = 1) -> None:
         (args.samples_per_segment > 1 or not (args.segment_baseline or args.common_noise),
          "--segment-baseline and --common-noise compare the K rollouts of a segment: add --samples-per-segment K "
          "(K >= 2)"),
+        (args.samples_per_segment % 2 == 0 or not args.antithetic_noise,
+         f"--antithetic-noise pairs the K rollouts of a segment: --samples-per-segment {args.samples_per_segment} "
+         "must be even"),
         (0 <= args.final_lr_fraction <= 1, f"--final-lr-fraction {args.final_lr_fraction}: must be in [0, 1]"),
         (0 < args.gamma <= 1 and 0 <= args.gae_lambda <= 1, "--gamma must be in (0, 1] and --gae-lambda in [0, 1]"),
         (args.synthetic_train >= 0 and args.bc_segments >= 0, "--synthetic-train and --bc-segments cannot be negative"),
@@ -688,6 +694,13 @@ def new_rollout_buffers(num_steps: int, num_envs: int, device: torch.device) -> 
     return {k: torch.zeros((num_steps, num_envs, *shape), device=device) for k, shape in shapes.items()}
 
 
+def antithetic_actions(agent: Agent, obs: torch.Tensor) -> torch.Tensor:
+    """Policy samples in which environments 2j and 2j+1 get opposite noise around their own means."""
+    mean = agent.actor_mean(agent.normalize(obs))
+    half = torch.randn((len(obs) // 2, 1), device=obs.device)
+    return mean + agent.actor_logstd.exp() * torch.stack([half, -half], dim=1).reshape(len(obs), 1)
+
+
 def rollout(agent: Agent, policy_step: Callable, envs: te.TinyPhysicsVectorEnv, buf: dict, next_obs: torch.Tensor,
             next_done: torch.Tensor, args: Args, reward_norm: RewardNormalizer | None, autocast) -> tuple:
     """Step every environment num_steps times with the stochastic policy, filling buf; returns the next
@@ -696,7 +709,10 @@ def rollout(agent: Agent, policy_step: Callable, envs: te.TinyPhysicsVectorEnv, 
     for step in range(args.num_steps):
         buf["obs"][step], buf["dones"][step] = next_obs, next_done
         with torch.no_grad(), autocast:
-            action, logprob, _, value = policy_step(next_obs)
+            if args.antithetic_noise:
+                action, logprob, _, value = policy_step(next_obs, antithetic_actions(agent, next_obs))
+            else:
+                action, logprob, _, value = policy_step(next_obs)
         buf["values"][step] = value.flatten().float()
         buf["actions"][step], buf["logprobs"][step] = action.float(), logprob.float()
         steer = agent.to_steer(next_obs, action.float())

@@ -169,6 +169,7 @@ def _cli(tmp_path, *flags, **kwargs):
     (["--samples-per-segment", "3"], "--samples-per-segment 3 must divide the 4 environments"),
     (["--segment-baseline"], "add --samples-per-segment K"),
     (["--residual-scale", "0"], "--residual-scale 0.0: must be positive"),
+    (["--samples-per-segment", "1", "--antithetic-noise"], "must be even"),
 ])
 def test_bad_arguments_are_refused_before_any_work(tmp_path, model_path, real_data, flags, message):
     base = ["--sim-model-path", str(model_path), "--eval-data-path", str(real_data), "--synthetic-train", "16",
@@ -326,6 +327,27 @@ def test_resume_is_exact_with_the_new_options(tiny):
     _same_stats(_stats(full), _stats(resumed))
     for k, v in _weights(full / "final_model.pt").items():
         assert torch.equal(v, _weights(resumed / "final_model.pt")[k]), k
+
+
+def test_antithetic_pairs_mirror_their_noise():
+    agent = pl.Agent(te.OBS_DIM, 16, "delta", 0.25, init_logstd=-1.0)
+    torch.nn.init.normal_(agent.actor_mean[-1].weight, std=0.5)
+    obs = torch.as_tensor(np.random.default_rng(0).normal(0, 1, (8, te.OBS_DIM)), dtype=torch.float32)
+    obs = obs.repeat_interleave(2, dim=0)  # pairs share a state, as copies of one segment do at the start
+    with torch.no_grad():
+        actions = pl.antithetic_actions(agent, obs)
+        mean = agent.actor_mean(agent.normalize(obs))
+    noise = (actions - mean).reshape(8, 2)
+    np.testing.assert_allclose(noise[:, 0].numpy(), -noise[:, 1].numpy(), atol=1e-6)
+    assert noise.abs().min() > 0
+
+
+def test_antithetic_training_runs_and_resumes(tiny):
+    options = dict(action_mode="residual", samples_per_segment=2, common_noise=True, segment_baseline=True,
+                   antithetic_noise=True)
+    full = pl.train(tiny(total_timesteps=640, checkpoint_every=240, **options))
+    resumed = pl.train(dataclasses.replace(tiny(), resume=str(full / "checkpoints" / "checkpoint_240.pt")))
+    _same_stats(_stats(full), _stats(resumed))
 
 
 def test_expected_dynamics_training_runs(tiny):
