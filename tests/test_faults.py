@@ -177,6 +177,13 @@ def test_non_finite_policy_weights_are_a_one_line_error(tmp_path, model_path, re
     assert "the policy's steer is nan at step 100 of segment 00000" in result.stderr and written == []
 
 
+def _small_run(tmp_path, model_path, real_data, **overrides) -> pl.Args:
+    base = dict(sim_model_path=str(model_path), eval_data_path=str(real_data), synthetic_train=16, eval_segments=1,
+                num_envs=4, samples_per_segment=2, num_steps=20, num_minibatches=2, update_epochs=1, bc_segments=0,
+                checkpoint_every=80, runs_dir=str(tmp_path / "runs"), progress=False)
+    return pl.Args(**{**base, **overrides})
+
+
 # --- 4: a full disk ----------------------------------------------------------------------------
 class _FullDisk(io.RawIOBase):
     """A file that takes `room` bytes, then fails as a full disk does."""
@@ -226,9 +233,7 @@ def test_a_full_disk_names_the_file_and_keeps_the_previous_one(tmp_path, full_di
 
 
 def test_a_full_disk_during_training_stops_with_one_line(tmp_path, model_path, real_data, full_disk, capsys):
-    args = pl.Args(sim_model_path=str(model_path), eval_data_path=str(real_data), synthetic_train=16,
-                   eval_segments=1, num_envs=4, num_steps=20, total_timesteps=160, num_minibatches=2,
-                   update_epochs=1, bc_segments=0, runs_dir=str(tmp_path / "runs"), progress=False)
+    args = _small_run(tmp_path, model_path, real_data, total_timesteps=160)
     full_disk(10)
     with pytest.raises(SystemExit) as stopped:
         te.run_cli(lambda: pl.train(args))
@@ -243,10 +248,7 @@ def test_a_full_disk_during_training_stops_with_one_line(tmp_path, model_path, r
 def finished_run(tmp_path, model_path, real_data):
     data = tmp_path / "train"
     te.synthesize_segments(8, seed=3, out_dir=data)
-    args = pl.Args(sim_model_path=str(model_path), data_path=str(data), eval_data_path=str(real_data),
-                   eval_segments=1, num_envs=4, num_steps=20, total_timesteps=160, num_minibatches=2,
-                   update_epochs=1, bc_segments=0, checkpoint_every=80, runs_dir=str(tmp_path / "runs"),
-                   progress=False)
+    args = _small_run(tmp_path, model_path, real_data, synthetic_train=0, data_path=str(data), total_timesteps=160)
     return pl.train(args), data
 
 
@@ -282,11 +284,7 @@ def test_resuming_without_the_training_segments_names_what_is_missing(finished_r
 def test_written_files_get_the_usual_permissions(tmp_path, model_path, real_data, umask, mode):
     previous = os.umask(umask)
     try:
-        args = pl.Args(sim_model_path=str(model_path), eval_data_path=str(real_data), synthetic_train=16,
-                       eval_segments=1, num_envs=4, num_steps=20, total_timesteps=80, num_minibatches=2,
-                       update_epochs=1, bc_segments=0, checkpoint_every=80, runs_dir=str(tmp_path / "runs"),
-                       progress=False)
-        run_dir = pl.train(args)
+        run_dir = pl.train(_small_run(tmp_path, model_path, real_data, total_timesteps=80))
         report = tmp_path / "report.html"
         ev.write_text_atomic(str(report), "<html></html>")
     finally:

@@ -18,7 +18,7 @@ def test_notebook_is_saved_without_outputs():
 
 def test_notebook_trains_scores_and_exports(tmp_path, monkeypatch, model_path, real_data):
     runs = tmp_path / "runs"
-    for key, value in {"PPO_NOTEBOOK_STEPS": "800", "PPO_NOTEBOOK_ENVS": "4", "PPO_NOTEBOOK_SYNTHETIC": "16",
+    for key, value in {"PPO_NOTEBOOK_STEPS": "800", "PPO_NOTEBOOK_ENVS": "8", "PPO_NOTEBOOK_SYNTHETIC": "16",
                        "PPO_NOTEBOOK_EVAL_SEGMENTS": "2", "PPO_NOTEBOOK_RUNS": str(runs),
                        "TINYPHYSICS_MODEL": str(model_path), "TINYPHYSICS_DATA": str(real_data)}.items():
         monkeypatch.setenv(key, value)

@@ -25,7 +25,8 @@ def tiny(tmp_path, model_path, real_data):
 
     def make(**overrides) -> pl.Args:
         base = dict(sim_model_path=str(model_path), eval_data_path=str(real_data), synthetic_train=16,
-                    eval_segments=2, num_envs=4, num_steps=20, total_timesteps=320, num_minibatches=2,
+                    eval_segments=2, num_envs=4, samples_per_segment=2, num_steps=20, total_timesteps=320,
+                    num_minibatches=2,
                     update_epochs=2, bc_segments=4, bc_epochs=1, eval_every=160, checkpoint_every=160,
                     runs_dir=str(tmp_path / "runs"), progress=False)
         return pl.Args(**{**base, **overrides})
@@ -162,18 +163,19 @@ def _cli(tmp_path, *flags, **kwargs):
 @pytest.mark.parametrize("flags, message", [
     (["--num-envs", "0"], "--num-envs 0: need at least 1"),
     (["--num-minibatches", "3"], "does not divide the batch"),
-    (["--num-envs", "32"], "more than the 16 training segments"),
+    (["--num-envs", "64"], "more than the 16 training segments"),
     (["--total-timesteps", "10"], "less than one batch"),
     (["--sim-backend", "torch", "--cuda-graphs"], "--cuda-graphs needs a CUDA device"),
     (["--sim-backend", "onnx", "--sim-precision", "bf16"], "apply to --sim-backend torch only"),
     (["--samples-per-segment", "3"], "--samples-per-segment 3 must divide the 4 environments"),
-    (["--segment-baseline"], "add --samples-per-segment K"),
+    (["--samples-per-segment", "1"], "leaves no rollouts to compare: add --no-segment-baseline --no-common-noise"),
     (["--residual-scale", "0"], "--residual-scale 0.0: must be positive"),
-    (["--samples-per-segment", "1", "--antithetic-noise"], "must be even"),
+    (["--samples-per-segment", "1", "--no-segment-baseline", "--no-common-noise", "--antithetic-noise"],
+     "must be even"),
 ])
 def test_bad_arguments_are_refused_before_any_work(tmp_path, model_path, real_data, flags, message):
     base = ["--sim-model-path", str(model_path), "--eval-data-path", str(real_data), "--synthetic-train", "16",
-            "--num-envs", "4", "--num-steps", "20", "--no-progress"]
+            "--num-envs", "4", "--samples-per-segment", "2", "--num-steps", "20", "--no-progress"]
     result = _cli(tmp_path, *base, *flags)
     assert result.returncode == 2
     assert message in result.stderr and result.stderr.count("\n") == 1, result.stderr
@@ -188,7 +190,8 @@ def test_missing_model_is_a_one_line_error(tmp_path, real_data):
 
 def test_sigterm_writes_a_checkpoint_that_resumes(tmp_path, model_path, real_data):
     flags = ["--sim-model-path", str(model_path), "--eval-data-path", str(real_data), "--synthetic-train", "16",
-             "--eval-segments", "1", "--num-envs", "4", "--num-steps", "20", "--total-timesteps", "40000",
+             "--eval-segments", "1", "--num-envs", "4", "--samples-per-segment", "2", "--num-steps", "20",
+             "--total-timesteps", "40000",
              "--bc-segments", "0", "--num-minibatches", "2", "--eval-every", "100000", "--no-progress"]
     env = {**os.environ}
     proc = subprocess.Popen([sys.executable, str(ROOT / "ppo_lateral.py"), *flags], cwd=tmp_path, env=env,
@@ -220,7 +223,8 @@ def test_training_with_the_torch_simulator(tiny):
 
 def test_cli_trains_with_the_compiled_torch_simulator(tmp_path, model_path, real_data):
     result = _cli(tmp_path, "--sim-model-path", str(model_path), "--eval-data-path", str(real_data),
-                  "--synthetic-train", "16", "--eval-segments", "1", "--num-envs", "4", "--num-steps", "20",
+                  "--synthetic-train", "16", "--eval-segments", "1", "--num-envs", "4", "--samples-per-segment", "2",
+                  "--num-steps", "20",
                   "--total-timesteps", "80", "--num-minibatches", "2", "--bc-segments", "0", "--no-progress",
                   "--sim-backend", "torch", "--compile")
     assert result.returncode == 0, result.stderr
