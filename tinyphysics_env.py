@@ -108,6 +108,14 @@ STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS, errno.EACC
 
 
 def _umask() -> int:
+    """The process's umask, read without changing it where Linux shows it (setting it to read it would
+    leave a moment in which another thread's new files get no umask at all)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
     mask = os.umask(0)
     os.umask(mask)
     return mask

@@ -52,6 +52,9 @@ class Args:
     """where the training runs go"""
     results: str = "benchmark/recipes.jsonl"
     """JSON-lines file each finished run is appended to"""
+    replot: tuple[str, ...] = ()
+    """train nothing: read the runs of these JSON-lines files (as --results writes them), print their tables and
+    draw --plot"""
     plot: str | None = None
     """also draw every run's held-out synthetic curve, with PID and the teacher as lines, into benchmark/<plot>.png"""
 
@@ -73,21 +76,35 @@ def summary(costs: np.ndarray) -> dict:
     return {"mean": float(np.mean(costs)), "median": float(np.median(costs))}
 
 
+def run_row(record: dict, teacher: dict) -> str:
+    steps, costs = record["curve"]
+    syn = record["synthetic"]
+    return (f"| {record['variant']} | {record['seed']} | {costs[0]:.2f} | {syn['mean']:.2f} | {syn['median']:.2f} | "
+            f"{syn['mean'] / teacher['synthetic']['mean']:.3f}x | {min(costs):.2f} | {record['real']['mean']:.2f} | "
+            f"{record['wall_s']:.0f} |")
+
+
 def plot_curves(finished: dict[str, list[dict]], baselines: dict, out: Path) -> None:
+    """Left: every run with PID and the teacher as lines; right: the same, zoomed on the teacher."""
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(8, 4.5))
-    ax = fig.subplots()
-    for name, records in finished.items():
-        for r in records:
-            steps, costs = r["curve"]
-            ax.plot(steps, costs, marker=".", label=f"{name} seed {r['seed']}")
-    for name, style in (("pid", "--"), ("pid_ff", ":")):
-        cost = baselines[name]["synthetic"]["mean"]
-        ax.axhline(cost, color="black", ls=style, label=f"{name} {cost:.2f}")
-    ax.set_xlabel("environment steps")
-    ax.set_ylabel("held-out synthetic total_cost (official-exact)")
-    ax.legend(fontsize=8)
+    fig = Figure(figsize=(13, 4.5))
+    axes = fig.subplots(1, 2)
+    teacher = baselines["pid_ff"]["synthetic"]["mean"]
+    lowest = min(min(r["curve"][1]) for records in finished.values() for r in records)
+    for ax in axes:
+        for name, records in finished.items():
+            for r in records:
+                steps, costs = r["curve"]
+                ax.plot(steps, costs, marker=".", label=f"{name} seed {r['seed']}")
+        for name, style in (("pid", "--"), ("pid_ff", ":")):
+            cost = baselines[name]["synthetic"]["mean"]
+            ax.axhline(cost, color="black", ls=style, label=f"{name} {cost:.2f}")
+        ax.set_xlabel("environment steps")
+    axes[0].set_ylabel("held-out synthetic total_cost (official-exact)")
+    axes[1].set_ylim(min(lowest, teacher) - 0.3, max(teacher, lowest) + 0.5)
+    axes[1].set_title("zoomed on the teacher")
+    axes[1].legend(fontsize=8)
     fig.savefig(out, dpi=100, bbox_inches="tight")
 
 
@@ -96,8 +113,9 @@ def main(args: Args) -> None:
     synthetic_path = heldout_synthetic(args.heldout_synthetic, args.heldout_seed)
     model = te.TinyPhysicsModel(model_path)
     sets = {"synthetic": te.load_segments(synthetic_path), "real": te.load_segments(real_path)}
-    baselines = {name: {k: summary(controller_costs(model, segs, name)) for k, segs in sets.items()}
-                 for name in ("pid", "pid_ff")}
+    per_segment = {name: {k: controller_costs(model, segs, name) for k, segs in sets.items()}
+                   for name in ("pid", "pid_ff")}
+    baselines = {name: {k: summary(v) for k, v in costs.items()} for name, costs in per_segment.items()}
     teacher = baselines["pid_ff"]
     print(f"pid_ff: synthetic {teacher['synthetic']['mean']:.2f} (median {teacher['synthetic']['median']:.2f}), "
           f"real {teacher['real']['mean']:.2f}; pid: synthetic {baselines['pid']['synthetic']['mean']:.2f}, "
@@ -105,7 +123,12 @@ def main(args: Args) -> None:
     print("\n| variant | seed | step 0 synthetic | final synthetic mean | median | vs pid_ff (mean) | best synthetic "
           "| final real | wall (s) |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|", flush=True)
     finished = {}
-    for spec in args.variant:
+    for path in args.replot:
+        for line in Path(path).read_text().splitlines():
+            record = json.loads(line)
+            finished.setdefault(record["variant"], []).append(record)
+            print(run_row(record, teacher))
+    for spec in args.variant if not args.replot else ():
         name, _, flags = spec.partition("=")
         for seed in args.seeds:
             command = [sys.executable, str(ROOT / "ppo_lateral.py"), "--seed", str(seed), "--num-envs", "64",
@@ -131,18 +154,18 @@ def main(args: Args) -> None:
             with open(args.results, "a") as f:
                 f.write(json.dumps(record) + "\n")
             finished.setdefault(name, []).append(record)
-            syn = record["synthetic"]
-            print(f"| {name} | {seed} | {curve[1, 0]:.2f} | {syn['mean']:.2f} | {syn['median']:.2f} | "
-                  f"{syn['mean'] / teacher['synthetic']['mean']:.3f}x | {curve[1].min():.2f} | "
-                  f"{record['real']['mean']:.2f} | {wall:.0f} |", flush=True)
+            print(run_row(record, teacher), flush=True)
     if args.plot:
         plot_curves(finished, baselines, ROOT / "benchmark" / f"{args.plot}.png")
-    print("\n| variant | seeds | synthetic mean | synthetic median | vs pid_ff | real mean |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print("\n| variant | seeds | synthetic mean | vs pid_ff | synthetic median | vs pid_ff | segments better than "
+          "pid_ff | real mean | wall (s) |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    t_syn = per_segment["pid_ff"]["synthetic"]
     for name, records in finished.items():
-        syn = np.mean([r["synthetic"]["mean"] for r in records])
-        print(f"| {name} | {len(records)} | {syn:.2f} | {np.mean([r['synthetic']['median'] for r in records]):.2f} | "
-              f"{syn / teacher['synthetic']['mean']:.3f}x | {np.mean([r['real']['mean'] for r in records]):.2f} |")
+        costs = np.array([r["per_segment_synthetic"] for r in records])  # [seeds, segments]
+        mean, median = costs.mean(axis=1).mean(), np.median(costs, axis=1).mean()
+        print(f"| {name} | {len(records)} | {mean:.2f} | {mean / t_syn.mean():.3f}x | {median:.2f} | "
+              f"{median / np.median(t_syn):.3f}x | {100 * (costs < t_syn).mean():.0f}% | "
+              f"{np.mean([r['real']['mean'] for r in records]):.2f} | {np.mean([r['wall_s'] for r in records]):.0f} |")
 
 
 if __name__ == "__main__":
