@@ -880,6 +880,7 @@ class TinyPhysicsSim:
         self.expected_reward = expected_reward
         self.dynamics = dynamics
         self.noise_group = noise_group
+        self.needs_probs = expected_reward or dynamics == "expected"  # the step's moments come from its probs
 
     def reset(self, segments: Segments) -> None:
         """Load a batch of segments and fill steps 0..19 from the data."""
@@ -916,7 +917,7 @@ class TinyPhysicsSim:
             previous = self.current[:, t - 1]
             low, high = previous - MAX_ACC_DELTA, previous + MAX_ACC_DELTA
             sampled, probs = self._sample(t)
-            if self.expected_reward or self.dynamics == "expected":
+            if self.needs_probs:
                 self.pred_mean[:, t], self.pred_var[:, t] = clipped_moments(probs, low, high)
             self.current[:, t] = self.pred_mean[:, t] if self.dynamics == "expected" else \
                 np.clip(decode(sampled), low, high)
@@ -937,7 +938,7 @@ class TinyPhysicsSim:
         else:
             uniforms = self.rng.random(self.batch_size // self.noise_group, repeat=self.noise_group)
         return self.model.sample(states.astype(np.float32), tokens.astype(np.int64), uniforms,
-                                 with_probs=self.expected_reward or self.dynamics == "expected")
+                                 with_probs=self.needs_probs)
 
     def seed(self, seed: int | None) -> None:
         """Restart the training-mode random stream (on the model's device for the torch backend)."""
