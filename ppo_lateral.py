@@ -172,6 +172,10 @@ class Args:
     """width of the two hidden layers of the actor"""
     critic_hidden: int = 0
     """width of the critic's two hidden layers (0: --hidden)"""
+    policy_dist: Literal["gaussian", "tanh"] = "gaussian"
+    """gaussian: a Gaussian action clipped to [-1, 1]; tanh: a Gaussian squashed by tanh, so the action is
+    bounded without clipping and the deterministic policy is tanh(mean) (tanh(0) = 0 keeps the residual's step
+    0 the teacher)"""
     init_logstd: float = -4.0
     """initial log standard deviation of the policy (in action units, where [-1, 1] spans the range; measured
     with the residual policy: -3 makes the noisy training episodes cost 72-106 against 54 without noise, the
@@ -360,14 +364,15 @@ def layer_init(layer: nn.Linear, std: float = np.sqrt(2), bias_const: float = 0.
 
 
 class Agent(nn.Module):
-    """Separate actor and critic MLPs (tanh) on the normalized observation; a Gaussian policy whose
-    action in [-1, 1] is mapped to steer by `to_steer`. `config()` rebuilds it without this script's
-    defaults, so a checkpoint describes its own policy and observation pipeline. In residual mode the
-    actor's last layer starts at zero, so the deterministic policy starts as the teacher itself."""
+    """Separate actor and critic MLPs (tanh) on the normalized observation; a Gaussian policy, clipped or
+    tanh-squashed to [-1, 1], whose action is mapped to steer by `to_steer`. `config()` rebuilds it
+    without this script's defaults, so a checkpoint describes its own policy and observation pipeline. In
+    residual mode the actor's last layer starts at zero, so the deterministic policy starts as the teacher
+    itself."""
 
     def __init__(self, obs_dim: int, hidden: int, action_mode: str, max_delta: float, init_logstd: float = 0.0,
                  obs_offset=None, obs_scale=None, critic_hidden: int = 0, teacher: str = "pid_ff",
-                 residual_scale: float = 0.25):
+                 residual_scale: float = 0.25, policy_dist: str = "gaussian"):
         super().__init__()
         offset, scale = observation_normalizer() if obs_offset is None else (obs_offset, obs_scale)
         self.register_buffer("obs_offset", torch.as_tensor(np.asarray(offset), dtype=torch.float32))
@@ -375,6 +380,7 @@ class Agent(nn.Module):
         self.action_mode, self.max_delta, self.hidden = action_mode, max_delta, hidden
         self.critic_hidden, self.teacher, self.residual_scale = critic_hidden or hidden, teacher, residual_scale
         self.teacher_params = teacher_params(teacher)
+        self.policy_dist = policy_dist
 
         def mlp(width: int, out_std: float) -> nn.Sequential:
             return nn.Sequential(layer_init(nn.Linear(obs_dim, width)), nn.Tanh(),
@@ -389,7 +395,7 @@ class Agent(nn.Module):
         return {"obs_dim": int(self.obs_offset.numel()), "hidden": self.hidden, "action_mode": self.action_mode,
                 "max_delta": self.max_delta, "obs_offset": self.obs_offset.tolist(),
                 "obs_scale": self.obs_scale.tolist(), "critic_hidden": self.critic_hidden, "teacher": self.teacher,
-                "residual_scale": self.residual_scale}
+                "residual_scale": self.residual_scale, "policy_dist": self.policy_dist}
 
     def normalize(self, obs: torch.Tensor) -> torch.Tensor:
         return (obs - self.obs_offset) * self.obs_scale
@@ -403,12 +409,16 @@ class Agent(nn.Module):
         probs = Normal(mean, self.actor_logstd.expand_as(mean).exp())
         if action is None:
             action = probs.sample()
-        return action, probs.log_prob(action).sum(1), probs.entropy().sum(1), self.critic(x)
+        logprob = probs.log_prob(action).sum(1)
+        if self.policy_dist == "tanh":
+            # the stored action is the pre-squash sample; log|d tanh(u)/du| = 2 (log 2 - u - softplus(-2u))
+            logprob = logprob - (2.0 * (np.log(2.0) - action - nn.functional.softplus(-2.0 * action))).sum(1)
+        return action, logprob, probs.entropy().sum(1), self.critic(x)
 
     def to_steer(self, obs: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
         """Steer command for an action: the teacher's steer plus a bounded correction, the previous steer
         moved by at most max_delta, or the action scaled to the steer range."""
-        a = action[:, 0].clamp(-1.0, 1.0)
+        a = action[:, 0].tanh() if self.policy_dist == "tanh" else action[:, 0].clamp(-1.0, 1.0)
         if self.action_mode == "residual":
             return teacher_steer(self.teacher_params, obs) + self.residual_scale * a
         if self.action_mode == "delta":
@@ -423,6 +433,8 @@ class Agent(nn.Module):
             a = (steer - obs[:, PREV_STEER_INDEX]) / self.max_delta
         else:
             a = steer / te.STEER_RANGE[1]
+        if self.policy_dist == "tanh":
+            return torch.atanh(a.clamp(-1.0 + 1e-6, 1.0 - 1e-6))[:, None]
         return a.clamp(-1.0, 1.0)[:, None]
 
     def numpy_params(self) -> dict[str, np.ndarray]:
@@ -433,7 +445,7 @@ class Agent(nn.Module):
         params.update(obs_offset=self.obs_offset.cpu().double().numpy(),
                       obs_scale=self.obs_scale.cpu().double().numpy(),
                       action_mode=np.array(self.action_mode), max_delta=np.array(self.max_delta),
-                      residual_scale=np.array(self.residual_scale),
+                      residual_scale=np.array(self.residual_scale), policy_dist=np.array(self.policy_dist),
                       steer_max=np.array(te.STEER_RANGE[1]), prev_steer_index=np.array(PREV_STEER_INDEX),
                       **{k: np.array(v) for k, v in self.teacher_params.items()})
         return params
@@ -448,7 +460,8 @@ def numpy_policy(params: dict, obs: np.ndarray) -> np.ndarray:
     x = (obs.astype(np.float64) - params["obs_offset"]) * params["obs_scale"]
     x = np.tanh(x @ params["weight0"].T + params["bias0"])
     x = np.tanh(x @ params["weight1"].T + params["bias1"])
-    a = np.clip((x @ params["weight2"].T + params["bias2"])[:, 0], -1.0, 1.0)
+    a = (x @ params["weight2"].T + params["bias2"])[:, 0]
+    a = np.tanh(a) if str(params["policy_dist"]) == "tanh" else np.clip(a, -1.0, 1.0)
     mode = str(params["action_mode"])
     if mode == "residual":
         return teacher_steer(params, obs.astype(np.float64)) + float(params["residual_scale"]) * a
@@ -878,7 +891,8 @@ def train(args: Args, on_iteration: Callable[[dict], None] | None = None) -> Pat
             f"|{k}|{v}|" for k, v in vars(args).items()))
 
     agent = Agent(te.OBS_DIM, args.hidden, args.action_mode, args.max_delta, args.init_logstd,
-                  critic_hidden=args.critic_hidden, teacher=args.teacher, residual_scale=args.residual_scale).to(device)
+                  critic_hidden=args.critic_hidden, teacher=args.teacher, residual_scale=args.residual_scale,
+                  policy_dist=args.policy_dist).to(device)
     optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5)
     batch_size = args.num_envs * args.num_steps  # global: all processes together
     num_iterations = args.total_timesteps // batch_size

@@ -143,8 +143,9 @@ def test_numpy_policy_mirrors_the_torch_agent():
     """numpy_policy (official scoring, export) and the torch agent (training) map observations to the same steer."""
     obs = np.random.default_rng(0).normal(0, 1, (50, te.OBS_DIM)).astype(np.float32)
     obs[:, te.obs_slices()["v_ego"]] += 20.0
-    for mode in ("delta", "absolute", "residual"):
-        agent = pl.Agent(te.OBS_DIM, 16, mode, 0.25)
+    for mode, dist in [("delta", "gaussian"), ("absolute", "gaussian"), ("residual", "gaussian"),
+                       ("residual", "tanh"), ("delta", "tanh")]:
+        agent = pl.Agent(te.OBS_DIM, 16, mode, 0.25, policy_dist=dist)
         torch.nn.init.normal_(agent.actor_mean[-1].weight, std=0.5)  # a policy whose actions are not all ~0
         x = torch.as_tensor(obs)
         with torch.no_grad():
@@ -325,12 +326,34 @@ def test_learning_rate_schedules(tiny):
 
 def test_resume_is_exact_with_the_new_options(tiny):
     options = dict(action_mode="residual", samples_per_segment=2, common_noise=True, segment_baseline=True,
-                   segment_norm=True, norm_reward=True, lr_schedule="cosine", critic_hidden=24)
+                   segment_norm=True, norm_reward=True, lr_schedule="cosine", critic_hidden=24, policy_dist="tanh")
     full = pl.train(tiny(total_timesteps=640, checkpoint_every=240, **options))
     resumed = pl.train(dataclasses.replace(tiny(), resume=str(full / "checkpoints" / "checkpoint_240.pt")))
     _same_stats(_stats(full), _stats(resumed))
     for k, v in _weights(full / "final_model.pt").items():
         assert torch.equal(v, _weights(resumed / "final_model.pt")[k]), k
+
+
+def test_tanh_policy_log_probability_is_the_squashed_density():
+    """The stored action is the pre-squash sample u; its logprob is the density of tanh(u), as torch's own
+    transformed distribution computes it, and the zero-initialised residual's deterministic action is 0."""
+    torch.manual_seed(0)
+    agent = pl.Agent(te.OBS_DIM, 16, "residual", 0.25, init_logstd=-0.5, policy_dist="tanh")
+    torch.nn.init.normal_(agent.actor_mean[-1].weight, std=0.5)
+    obs = torch.as_tensor(np.random.default_rng(0).normal(0, 1, (64, te.OBS_DIM)), dtype=torch.float32)
+    with torch.no_grad():
+        u, logprob, _, _ = agent.get_action_and_value(obs)
+        mean = agent.actor_mean(agent.normalize(obs))
+        # in float64: the reference inverts tanh, which float32 cannot do near +-1
+        squashed = torch.distributions.TransformedDistribution(
+            torch.distributions.Normal(mean.double(), agent.actor_logstd.exp().double()),
+            [torch.distributions.TanhTransform()])
+        reference = squashed.log_prob(u.double().tanh()).sum(1)
+    np.testing.assert_allclose(logprob.numpy(), reference.numpy(), rtol=1e-4, atol=1e-4)
+    assert u.abs().max() > 1  # samples beyond +-1 are squashed, not clipped: the steer still moves with them
+    fresh = pl.Agent(te.OBS_DIM, 16, "residual", 0.25, policy_dist="tanh")
+    np.testing.assert_array_equal(pl.numpy_policy(fresh.numpy_params(), obs.double().numpy()),
+                                  pl.teacher_steer(fresh.teacher_params, obs.double().numpy()))
 
 
 def test_antithetic_pairs_mirror_their_noise():
