@@ -411,7 +411,8 @@ class Agent(nn.Module):
             action = probs.sample()
         logprob = probs.log_prob(action).sum(1)
         if self.policy_dist == "tanh":
-            # the stored action is the pre-squash sample; log|d tanh(u)/du| = 2 (log 2 - u - softplus(-2u))
+            # The stored action is the pre-squash sample; log|d tanh(u)/du| = 2 (log 2 - u - softplus(-2u)).
+            # It cancels in the PPO ratio; the entropy stays the pre-squash Gaussian's (no closed form after).
             logprob = logprob - (2.0 * (np.log(2.0) - action - nn.functional.softplus(-2.0 * action))).sum(1)
         return action, logprob, probs.entropy().sum(1), self.critic(x)
 
