@@ -110,7 +110,8 @@ class Args:
     training costs are not official-exact; evaluation is always official-exact"""
     learning_rate: float = 1e-4
     """Adam learning rate (measured with the residual policy, 1M steps, on 200 held-out synthetic segments:
-    1e-4 with init_logstd -4 54.32, 3e-4 with antithetic noise 54.39; pid_ff itself 54.66). Under torchrun it
+    1e-4 with init_logstd -4 54.32, 3e-4 54.54, 3e-4 with antithetic noise 54.39, 1e-3 54.70 at 500k; pid_ff
+    itself 54.66: the gradient's noise, not the step size, limits it). Under torchrun it
     applies to the gradient averaged over processes, so the same global batch trains as one process would: do
     not scale it with the process count"""
     lr_schedule: Literal["linear", "cosine", "constant"] = "linear"
