@@ -26,8 +26,8 @@ def tiny(tmp_path, model_path, real_data):
     def make(**overrides) -> pl.Args:
         base = dict(sim_model_path=str(model_path), eval_data_path=str(real_data), synthetic_train=16,
                     eval_segments=2, num_envs=4, samples_per_segment=2, num_steps=20, total_timesteps=320,
-                    num_minibatches=2,
-                    update_epochs=2, bc_segments=4, bc_epochs=1, eval_every=160, checkpoint_every=160,
+                    num_minibatches=2, update_epochs=2, bc_segments=4, bc_epochs=1, eval_every=160,
+                    checkpoint_every=160,
                     runs_dir=str(tmp_path / "runs"), progress=False)
         return pl.Args(**{**base, **overrides})
 
@@ -192,8 +192,8 @@ def test_missing_model_is_a_one_line_error(tmp_path, real_data):
 def test_sigterm_writes_a_checkpoint_that_resumes(tmp_path, model_path, real_data):
     flags = ["--sim-model-path", str(model_path), "--eval-data-path", str(real_data), "--synthetic-train", "16",
              "--eval-segments", "1", "--num-envs", "4", "--samples-per-segment", "2", "--num-steps", "20",
-             "--total-timesteps", "40000",
-             "--bc-segments", "0", "--num-minibatches", "2", "--eval-every", "100000", "--no-progress"]
+             "--total-timesteps", "40000", "--bc-segments", "0", "--num-minibatches", "2", "--eval-every", "100000",
+             "--no-progress"]
     env = {**os.environ}
     proc = subprocess.Popen([sys.executable, str(ROOT / "ppo_lateral.py"), *flags], cwd=tmp_path, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -225,9 +225,8 @@ def test_training_with_the_torch_simulator(tiny):
 def test_cli_trains_with_the_compiled_torch_simulator(tmp_path, model_path, real_data):
     result = _cli(tmp_path, "--sim-model-path", str(model_path), "--eval-data-path", str(real_data),
                   "--synthetic-train", "16", "--eval-segments", "1", "--num-envs", "4", "--samples-per-segment", "2",
-                  "--num-steps", "20",
-                  "--total-timesteps", "80", "--num-minibatches", "2", "--bc-segments", "0", "--no-progress",
-                  "--sim-backend", "torch", "--compile")
+                  "--num-steps", "20", "--total-timesteps", "80", "--num-minibatches", "2", "--bc-segments", "0",
+                  "--no-progress", "--sim-backend", "torch", "--compile")
     assert result.returncode == 0, result.stderr
     run_dir = Path(tmp_path / result.stdout.strip().splitlines()[-1])
     assert (run_dir / "final_model.pt").is_file()
