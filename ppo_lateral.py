@@ -104,6 +104,11 @@ class Args:
     antithetic_noise: bool = False
     """pair the K rollouts of a segment (K even) and give each pair opposite exploration noise, +e and -e: what
     the noise costs whatever its sign (the jerk it adds) then cancels out of their comparison"""
+    noise_correlation: float = 0.0
+    """rho: exploration noise as an AR(1) process within each episode, noise_t = rho * noise_{t-1} + fresh
+    Gaussian noise of the policy's std (so --init-logstd sets the fresh part; the noise's own std is that over
+    sqrt(1 - rho^2)). Slowly varying noise moves the lateral acceleration more for the jerk it adds than white
+    noise does. 0: white noise"""
     sim_dynamics: Literal["sampled", "expected"] = "sampled"
     """training dynamics: sampled (the official simulator) or expected (the next lateral acceleration is the
     mean of the model's clipped token distribution, no sampling noise). expected is a TRAINING mode whose
@@ -223,6 +228,7 @@ def validate(args: Args, world: int = 1) -> None:
         (args.samples_per_segment % 2 == 0 or not args.antithetic_noise,
          f"--antithetic-noise pairs the K rollouts of a segment: --samples-per-segment {args.samples_per_segment} "
          "must be even"),
+        (0 <= args.noise_correlation < 1, f"--noise-correlation {args.noise_correlation}: must be in [0, 1)"),
         (0 <= args.final_lr_fraction <= 1, f"--final-lr-fraction {args.final_lr_fraction}: must be in [0, 1]"),
         (0 < args.gamma <= 1 and 0 <= args.gae_lambda <= 1, "--gamma must be in (0, 1] and --gae-lambda in [0, 1]"),
         (args.synthetic_train >= 0 and args.bc_segments >= 0, "--synthetic-train and --bc-segments cannot be negative"),
@@ -404,9 +410,14 @@ class Agent(nn.Module):
     def get_value(self, obs: torch.Tensor) -> torch.Tensor:
         return self.critic(self.normalize(obs))
 
-    def get_action_and_value(self, obs: torch.Tensor, action: torch.Tensor | None = None):
+    def get_action_and_value(self, obs: torch.Tensor, action: torch.Tensor | None = None,
+                             noise_offset: torch.Tensor | None = None):
+        """noise_offset shifts the sampling distribution's mean (correlated exploration noise: the part
+        carried over from the previous step), so the log-probability is conditioned on it."""
         x = self.normalize(obs)
         mean = self.actor_mean(x)
+        if noise_offset is not None:
+            mean = mean + noise_offset
         probs = Normal(mean, self.actor_logstd.expand_as(mean).exp())
         if action is None:
             action = probs.sample()
@@ -634,9 +645,9 @@ class RewardNormalizer:
 
 
 # --- The clipped PPO loss -----------------------------------------------------------------------
-def ppo_loss(agent: Agent, obs, actions, logprobs, advantages, returns, values, clip_coef: float,
+def ppo_loss(agent: Agent, obs, actions, noise_offsets, logprobs, advantages, returns, values, clip_coef: float,
              norm_adv: bool, clip_vloss: bool, ent_coef: float, vf_coef: float):
-    _, newlogprob, entropy, newvalue = agent.get_action_and_value(obs, actions)
+    _, newlogprob, entropy, newvalue = agent.get_action_and_value(obs, actions, noise_offsets)
     logratio = newlogprob - logprobs
     ratio = logratio.exp()
     with torch.no_grad():
@@ -707,27 +718,42 @@ def learning_rate_at(iteration: int, num_iterations: int, args: Args) -> float:
 
 
 def new_rollout_buffers(num_steps: int, num_envs: int, device: torch.device) -> dict[str, torch.Tensor]:
-    shapes = {"obs": (te.OBS_DIM,), "actions": (1,), "logprobs": (), "rewards": (), "dones": (), "values": ()}
+    shapes = {"obs": (te.OBS_DIM,), "actions": (1,), "noise_offsets": (1,), "logprobs": (), "rewards": (),
+              "dones": (), "values": ()}
     return {k: torch.zeros((num_steps, num_envs, *shape), device=device) for k, shape in shapes.items()}
 
 
-def antithetic_actions(agent: Agent, obs: torch.Tensor) -> torch.Tensor:
-    """Policy samples in which environments 2j and 2j+1 get opposite noise around their own means."""
+def exploration_actions(agent: Agent, obs: torch.Tensor, previous_noise: torch.Tensor,
+                        args: Args) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Policy samples under --antithetic-noise (environments 2j and 2j+1 get opposite fresh noise around
+    their own means) and --noise-correlation (each environment's noise carries rho times its previous
+    step's); returns the actions, the carried-over noise offsets their log-probability is conditioned on,
+    and this step's noise."""
     mean = agent.actor_mean(agent.normalize(obs))
-    half = torch.randn((len(obs) // 2, 1), device=obs.device)
-    return mean + agent.actor_logstd.exp() * torch.stack([half, -half], dim=1).reshape(len(obs), 1)
+    if args.antithetic_noise:
+        half = torch.randn((len(obs) // 2, 1), device=obs.device)
+        fresh = torch.stack([half, -half], dim=1).reshape(len(obs), 1)
+    else:
+        fresh = torch.randn_like(mean)
+    offsets = args.noise_correlation * previous_noise
+    noise = offsets + agent.actor_logstd.exp() * fresh
+    return mean + noise, offsets, noise
 
 
 def rollout(agent: Agent, policy_step: Callable, envs: te.TinyPhysicsVectorEnv, buf: dict, next_obs: torch.Tensor,
-            next_done: torch.Tensor, args: Args, reward_norm: RewardNormalizer | None, autocast) -> tuple:
+            next_done: torch.Tensor, noise: torch.Tensor, args: Args, reward_norm: RewardNormalizer | None,
+            autocast) -> tuple:
     """Step every environment num_steps times with the stochastic policy, filling buf; returns the next
-    observation and done flags and the costs of the episodes that ended."""
+    observation, done flags and exploration noise, and the costs of the episodes that ended."""
     device, episode_costs = next_obs.device, []
     for step in range(args.num_steps):
         buf["obs"][step], buf["dones"][step] = next_obs, next_done
         with torch.no_grad(), autocast:
-            if args.antithetic_noise:
-                action, logprob, _, value = policy_step(next_obs, antithetic_actions(agent, next_obs))
+            if args.antithetic_noise or args.noise_correlation:
+                noise = noise * (1.0 - next_done)[:, None]  # a new episode starts its noise afresh
+                action, offsets, noise = exploration_actions(agent, next_obs, noise, args)
+                action, logprob, _, value = policy_step(next_obs, action, offsets)
+                buf["noise_offsets"][step] = offsets.float()
             else:
                 action, logprob, _, value = policy_step(next_obs)
         buf["values"][step] = value.flatten().float()
@@ -742,7 +768,7 @@ def rollout(agent: Agent, policy_step: Callable, envs: te.TinyPhysicsVectorEnv, 
         next_done = torch.as_tensor(done, dtype=torch.float32, device=device)
         if "final_info" in infos:
             episode_costs.append({k: infos["final_info"][k] for k in ("total_cost", "lataccel_cost", "jerk_cost")})
-    return next_obs, next_done, episode_costs
+    return next_obs, next_done, noise, episode_costs
 
 
 def advantages_and_returns(agent: Agent, buf: dict, next_obs: torch.Tensor, next_done: torch.Tensor,
@@ -764,6 +790,7 @@ def ppo_update(agent: Agent, optimizer: torch.optim.Optimizer, loss_fn: Callable
     minibatch's losses and the mean clip fraction."""
     device = advantages.device
     b_obs, b_actions = buf["obs"].reshape(-1, te.OBS_DIM), buf["actions"].reshape(-1, 1)
+    b_offsets = buf["noise_offsets"].reshape(-1, 1)
     b_logprobs, b_advantages = buf["logprobs"].reshape(-1), advantages.reshape(-1)
     b_returns, b_values = returns.reshape(-1), buf["values"].reshape(-1)
     batch = len(b_obs)
@@ -776,8 +803,9 @@ def ppo_update(agent: Agent, optimizer: torch.optim.Optimizer, loss_fn: Callable
             mb = torch.as_tensor(b_inds[start:start + minibatch_size], device=device)
             with autocast:
                 loss, pg_loss, v_loss, entropy_loss, old_approx_kl, approx_kl, clipfrac = loss_fn(
-                    agent, b_obs[mb], b_actions[mb], b_logprobs[mb], b_advantages[mb], b_returns[mb],
-                    b_values[mb], args.clip_coef, args.norm_adv, args.clip_vloss, args.ent_coef, args.vf_coef)
+                    agent, b_obs[mb], b_actions[mb], b_offsets[mb], b_logprobs[mb], b_advantages[mb],
+                    b_returns[mb], b_values[mb], args.clip_coef, args.norm_adv, args.clip_vloss, args.ent_coef,
+                    args.vf_coef)
             clipfracs.append(clipfrac.item())
             optimizer.zero_grad()
             loss.backward()
@@ -913,6 +941,7 @@ def train(args: Args, on_iteration: Callable[[dict], None] | None = None) -> Pat
         envs.reset(seed=args.seed)
         next_obs = torch.as_tensor(envs.load_state_dict(mine["env"]), device=device)
         next_done = mine["next_done"].to(device)
+        noise = mine.get("noise", torch.zeros((num_envs, 1))).to(device)
         if reward_norm is not None:
             reward_norm.load_state_dict(mine["reward_norm"])
     else:
@@ -923,6 +952,7 @@ def train(args: Args, on_iteration: Callable[[dict], None] | None = None) -> Pat
         next_obs, _ = envs.reset(seed=args.seed + rank)
         next_obs = torch.as_tensor(next_obs, device=device)
         next_done = torch.zeros(num_envs, device=device)
+        noise = torch.zeros((num_envs, 1), device=device)
         if args.bc_segments and lead:
             bc_sim = te.TinyPhysicsSim(model, official_rng=False, seed=args.seed)
             bc_idx = np.random.default_rng(args.seed).permutation(len(bc_pool))[:args.bc_segments]
@@ -949,7 +979,7 @@ def train(args: Args, on_iteration: Callable[[dict], None] | None = None) -> Pat
 
     def write_checkpoint(path: Path, iteration: int) -> None:
         """Called by every process: rank 0 writes its own and the others' environment and RNG states."""
-        states = gather_objects({"env": envs.state_dict(), "next_done": next_done.cpu(), "rng": {
+        states = gather_objects({"env": envs.state_dict(), "next_done": next_done.cpu(), "noise": noise.cpu(), "rng": {
             "torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
             "reward_norm": reward_norm.state_dict() if reward_norm else None}, world)
         if lead:
@@ -968,8 +998,8 @@ def train(args: Args, on_iteration: Callable[[dict], None] | None = None) -> Pat
             update_threads = torch.get_num_threads()
             if isinstance(model, te.TinyPhysicsModel):
                 torch.set_num_threads(1)
-            next_obs, next_done, episode_costs = rollout(agent, policy_step, envs, buf, next_obs, next_done, args,
-                                                         reward_norm, autocast)
+            next_obs, next_done, noise, episode_costs = rollout(agent, policy_step, envs, buf, next_obs, next_done,
+                                                                noise, args, reward_norm, autocast)
             torch.set_num_threads(update_threads)
             global_step += batch_size
 

@@ -355,22 +355,59 @@ def test_tanh_policy_log_probability_is_the_squashed_density():
                                   pl.teacher_steer(fresh.teacher_params, obs.double().numpy()))
 
 
+def _exploration_args(**kw):
+    return pl.Args(**{"antithetic_noise": False, "noise_correlation": 0.0, **kw})
+
+
 def test_antithetic_pairs_mirror_their_noise():
     agent = pl.Agent(te.OBS_DIM, 16, "delta", 0.25, init_logstd=-1.0)
     torch.nn.init.normal_(agent.actor_mean[-1].weight, std=0.5)
     obs = torch.as_tensor(np.random.default_rng(0).normal(0, 1, (8, te.OBS_DIM)), dtype=torch.float32)
     obs = obs.repeat_interleave(2, dim=0)  # pairs share a state, as copies of one segment do at the start
     with torch.no_grad():
-        actions = pl.antithetic_actions(agent, obs)
+        actions, offsets, noise = pl.exploration_actions(agent, obs, torch.zeros((16, 1)),
+                                                          _exploration_args(antithetic_noise=True))
         mean = agent.actor_mean(agent.normalize(obs))
-    noise = (actions - mean).reshape(8, 2)
+    np.testing.assert_allclose((actions - mean).numpy(), noise.numpy(), atol=1e-6)
+    assert not offsets.any()
+    noise = noise.reshape(8, 2)
     np.testing.assert_allclose(noise[:, 0].numpy(), -noise[:, 1].numpy(), atol=1e-6)
     assert noise.abs().min() > 0
 
 
+def test_correlated_noise_is_ar1_with_the_policys_fresh_std():
+    """noise_t = rho * noise_{t-1} + N(0, std^2): the lag-1 correlation is rho, the stationary std is
+    std / sqrt(1 - rho^2), and the log-probability is the fresh noise's density given the offset."""
+    rho, steps, envs = 0.8, 400, 256
+    agent = pl.Agent(te.OBS_DIM, 16, "residual", 0.25, init_logstd=-1.0)
+    obs = torch.zeros((envs, te.OBS_DIM))
+    args, noise, trace = _exploration_args(noise_correlation=rho), torch.zeros((envs, 1)), []
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for _ in range(steps):
+            previous = noise
+            actions, offsets, noise = pl.exploration_actions(agent, obs, previous, args)
+            trace.append(noise[:, 0].numpy().copy())
+            np.testing.assert_allclose(offsets.numpy(), rho * previous.numpy(), rtol=1e-6)
+        _, logprob, _, _ = agent.get_action_and_value(obs, actions, offsets)
+    std = float(np.exp(-1.0))
+    fresh = (noise - offsets).numpy()[:, 0]  # the residual's mean is 0 at init
+    np.testing.assert_allclose(logprob.numpy(), -0.5 * (fresh / std) ** 2 - np.log(std) - 0.5 * np.log(2 * np.pi),
+                               rtol=1e-5, atol=1e-5)
+    trace = np.array(trace[100:])  # past the start-up from zero
+    assert abs(np.corrcoef(trace[1:].ravel(), trace[:-1].ravel())[0, 1] - rho) < 0.02
+    assert abs(trace.std() / (std / np.sqrt(1 - rho**2)) - 1) < 0.03
+
+
+@pytest.mark.parametrize("rho", [-0.1, 1.0])
+def test_noise_correlation_outside_0_1_is_refused(rho):
+    with pytest.raises(te.TinyPhysicsError, match=rf"--noise-correlation {rho}: must be in \[0, 1\)"):
+        pl.validate(pl.Args(noise_correlation=rho))
+
+
 def test_antithetic_training_runs_and_resumes(tiny):
     options = dict(action_mode="residual", samples_per_segment=2, common_noise=True, segment_baseline=True,
-                   antithetic_noise=True)
+                   antithetic_noise=True, noise_correlation=0.5)
     full = pl.train(tiny(total_timesteps=640, checkpoint_every=240, **options))
     resumed = pl.train(dataclasses.replace(tiny(), resume=str(full / "checkpoints" / "checkpoint_240.pt")))
     _same_stats(_stats(full), _stats(resumed))
