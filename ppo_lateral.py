@@ -104,11 +104,12 @@ class Args:
     antithetic_noise: bool = False
     """pair the K rollouts of a segment (K even) and give each pair opposite exploration noise, +e and -e: what
     the noise costs whatever its sign (the jerk it adds) then cancels out of their comparison"""
-    noise_correlation: float = 0.0
+    noise_correlation: float = 0.9
     """rho: exploration noise as an AR(1) process within each episode, noise_t = rho * noise_{t-1} + fresh
     Gaussian noise of the policy's std (so --init-logstd sets the fresh part; the noise's own std is that over
     sqrt(1 - rho^2)). Slowly varying noise moves the lateral acceleration more for the jerk it adds than white
-    noise does. 0: white noise"""
+    noise does. 0: white noise (measured, 1M steps, 200 held-out synthetic segments, seed 1: 0.9 53.82 against
+    white 54.32; 0.9 with --init-logstd -3.5 54.06, best 53.72 at 750k)"""
     sim_dynamics: Literal["sampled", "expected"] = "sampled"
     """training dynamics: sampled (the official simulator) or expected (the next lateral acceleration is the
     mean of the model's clipped token distribution, no sampling noise). expected is a TRAINING mode whose
@@ -137,9 +138,10 @@ class Args:
     segment_baseline: bool = True
     """centre the advantages over the K rollouts of each segment at each step (needs --samples-per-segment 2
     or more): the segment's difficulty cancels out"""
-    segment_norm: bool = False
+    segment_norm: bool = True
     """divide each segment's advantages by their own standard deviation in the rollout, so every segment
-    weighs alike whatever its difficulty"""
+    weighs alike whatever its difficulty (measured with --noise-correlation 0.9, seed 1: 53.47 against 53.82
+    without; with white noise it ties, 54.30 against 54.32)"""
     norm_reward: bool = False
     """divide rewards by a running standard deviation of the discounted return"""
     clip_coef: float = 0.2
