@@ -325,7 +325,8 @@ def test_learning_rate_schedules(tiny):
 
 def test_resume_is_exact_with_the_new_options(tiny):
     options = dict(action_mode="residual", samples_per_segment=2, common_noise=True, segment_baseline=True,
-                   segment_norm=True, norm_reward=True, lr_schedule="cosine", critic_hidden=24, policy_dist="tanh")
+                   segment_norm=True, norm_reward=True, lr_schedule="cosine", critic_hidden=24, policy_dist="tanh",
+                   antithetic_noise=True, noise_correlation=0.5)
     full = pl.train(tiny(total_timesteps=640, checkpoint_every=240, **options))
     resumed = pl.train(dataclasses.replace(tiny(), resume=str(full / "checkpoints" / "checkpoint_240.pt")))
     _same_stats(_stats(full), _stats(resumed))
@@ -403,14 +404,6 @@ def test_correlated_noise_is_ar1_with_the_policys_fresh_std():
 def test_noise_correlation_outside_0_1_is_refused(rho):
     with pytest.raises(te.TinyPhysicsError, match=rf"--noise-correlation {rho}: must be in \[0, 1\)"):
         pl.validate(pl.Args(noise_correlation=rho))
-
-
-def test_antithetic_training_runs_and_resumes(tiny):
-    options = dict(action_mode="residual", samples_per_segment=2, common_noise=True, segment_baseline=True,
-                   antithetic_noise=True, noise_correlation=0.5)
-    full = pl.train(tiny(total_timesteps=640, checkpoint_every=240, **options))
-    resumed = pl.train(dataclasses.replace(tiny(), resume=str(full / "checkpoints" / "checkpoint_240.pt")))
-    _same_stats(_stats(full), _stats(resumed))
 
 
 def test_expected_dynamics_training_runs(tiny):
