@@ -850,6 +850,16 @@ def write_eval(writer: SummaryWriter, costs: dict, global_step: int) -> float:
     return float(costs["total_cost"].mean())
 
 
+# Flags added after checkpoints were first written, with the value that reproduces how a run without them trained.
+FLAGS_BEFORE_THEY_EXISTED = {"noise_correlation": 0.0}
+
+
+def saved_args(checkpoint: dict, **overrides) -> Args:
+    """The arguments a checkpoint's run trained with (a flag newer than the checkpoint takes the value that
+    reproduces the run, not today's default), with overrides."""
+    return Args(**{**FLAGS_BEFORE_THEY_EXISTED, **checkpoint["args"], **overrides})
+
+
 def train(args: Args, on_iteration: Callable[[dict], None] | None = None) -> Path:
     """Train as the arguments say; returns the run folder. on_iteration(stats) is called after every
     iteration with that iteration's row of training_stats (for notebooks)."""
@@ -863,7 +873,7 @@ def train(args: Args, on_iteration: Callable[[dict], None] | None = None) -> Pat
         if Path(resume_path).parent.name != "checkpoints":
             raise te.TinyPhysicsError(f"{resume_path}: not inside a run folder's checkpoints/; resume from "
                                       "runs/<run>/checkpoints/checkpoint_<step>.pt (move whole run folders only)")
-        args = Args(**{**checkpoint["args"], "resume": resume_path, "progress": args.progress})
+        args = saved_args(checkpoint, resume=resume_path, progress=args.progress)
         print(f"resuming {checkpoint['run_name']} at step {checkpoint['global_step']} with its saved arguments",
               file=sys.stderr)
 

@@ -398,6 +398,16 @@ def test_correlated_noise_is_ar1_with_the_policys_fresh_std():
     assert abs(trace.std() / (std / np.sqrt(1 - rho**2)) - 1) < 0.03
 
 
+def test_a_checkpoint_from_before_correlated_noise_resumes_with_white_noise():
+    """Runs written before --noise-correlation existed trained with white noise; resuming one must not
+    switch it to today's default."""
+    old = {k: v for k, v in dataclasses.asdict(pl.Args()).items() if k != "noise_correlation"}
+    assert pl.saved_args({"args": old}, resume="r.pt").noise_correlation == 0.0
+    assert pl.Args().noise_correlation > 0  # the default it must not pick up
+    new = dataclasses.asdict(pl.Args(noise_correlation=0.7))
+    assert pl.saved_args({"args": new}, resume="r.pt").noise_correlation == 0.7
+
+
 @pytest.mark.parametrize("rho", [-0.1, 1.0])
 def test_noise_correlation_outside_0_1_is_refused(rho):
     with pytest.raises(te.TinyPhysicsError, match=rf"--noise-correlation {rho}: must be in \[0, 1\)"):
