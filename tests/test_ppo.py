@@ -289,15 +289,20 @@ def test_segment_baseline_by_hand():
     """2 steps, 4 envs = 2 segments x K=2: centring subtracts the pair's mean at each step; normalising
     divides each pair by the standard deviation of its 4 centred entries."""
     advantages = torch.tensor([[1.0, 3.0, 10.0, 30.0], [2.0, 6.0, -10.0, 10.0]])
-    centred = pl.segment_advantages(advantages, 2, center=True, normalize=False)
+    centred = pl.segment_advantages(advantages, 2, center=True, norm_power=0.0)
     np.testing.assert_allclose(centred.numpy(), [[-1.0, 1.0, -10.0, 10.0], [-2.0, 2.0, -10.0, 10.0]])
-    both = pl.segment_advantages(advantages, 2, center=True, normalize=True)
+    both = pl.segment_advantages(advantages, 2, center=True, norm_power=1.0)
     sd_a, sd_b = np.std([-1, 1, -2, 2], ddof=1), np.std([-10, 10, -10, 10], ddof=1)
     np.testing.assert_allclose(both.numpy(), [[-1 / sd_a, 1 / sd_a, -10 / sd_b, 10 / sd_b],
                                               [-2 / sd_a, 2 / sd_a, -10 / sd_b, 10 / sd_b]], rtol=1e-6)
     # K = 1: every environment is its own segment; normalising weighs each alike.
-    alone = pl.segment_advantages(advantages, 1, center=False, normalize=True)
+    alone = pl.segment_advantages(advantages, 1, center=False, norm_power=1.0)
     np.testing.assert_allclose(alone.numpy(), (advantages / advantages.std(dim=0)).numpy(), rtol=1e-6)
+    # A softer power keeps part of the spread: the pair with 5x the spread keeps sqrt(5)x the weight.
+    soft = pl.segment_advantages(advantages, 2, center=True, norm_power=0.5)
+    np.testing.assert_allclose(soft.numpy(), [[-1 / sd_a**0.5, 1 / sd_a**0.5, -10 / sd_b**0.5, 10 / sd_b**0.5],
+                                              [-2 / sd_a**0.5, 2 / sd_a**0.5, -10 / sd_b**0.5, 10 / sd_b**0.5]],
+                               rtol=1e-6)
 
 
 def test_reward_normalizer_tracks_the_discounted_return():
@@ -412,6 +417,12 @@ def test_a_checkpoint_from_before_correlated_noise_resumes_with_white_noise():
 def test_noise_correlation_outside_0_1_is_refused(rho):
     with pytest.raises(te.TinyPhysicsError, match=rf"--noise-correlation {rho}: must be in \[0, 1\)"):
         pl.validate(pl.Args(noise_correlation=rho))
+
+
+@pytest.mark.parametrize("power", [0.0, 1.5])
+def test_segment_norm_power_outside_0_1_is_refused(power):
+    with pytest.raises(te.TinyPhysicsError, match=rf"--segment-norm-power {power}: must be in \(0, 1\]"):
+        pl.validate(pl.Args(segment_norm_power=power))
 
 
 def test_expected_dynamics_training_runs(tiny):
