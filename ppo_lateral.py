@@ -857,7 +857,7 @@ def write_eval(writer: SummaryWriter, costs: dict, global_step: int) -> float:
 
 
 # Flags added after checkpoints were first written, with the value that reproduces how a run without them trained.
-FLAGS_BEFORE_THEY_EXISTED = {"noise_correlation": 0.0}
+FLAGS_BEFORE_THEY_EXISTED = {"noise_correlation": 0.0, "segment_norm_power": 1.0}
 
 
 def saved_args(checkpoint: dict, **overrides) -> Args:

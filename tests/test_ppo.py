@@ -406,11 +406,14 @@ def test_correlated_noise_is_ar1_with_the_policys_fresh_std():
 def test_a_checkpoint_from_before_correlated_noise_resumes_with_white_noise():
     """Runs written before --noise-correlation existed trained with white noise; resuming one must not
     switch it to today's default."""
-    old = {k: v for k, v in dataclasses.asdict(pl.Args()).items() if k != "noise_correlation"}
-    assert pl.saved_args({"args": old}, resume="r.pt").noise_correlation == 0.0
+    old = {k: v for k, v in dataclasses.asdict(pl.Args()).items()
+           if k not in ("noise_correlation", "segment_norm_power")}
+    resumed = pl.saved_args({"args": old}, resume="r.pt")
+    assert resumed.noise_correlation == 0.0 and resumed.segment_norm_power == 1.0
     assert pl.Args().noise_correlation > 0  # the default it must not pick up
-    new = dataclasses.asdict(pl.Args(noise_correlation=0.7))
-    assert pl.saved_args({"args": new}, resume="r.pt").noise_correlation == 0.7
+    new = dataclasses.asdict(pl.Args(noise_correlation=0.7, segment_norm_power=0.5))
+    resumed = pl.saved_args({"args": new}, resume="r.pt")
+    assert resumed.noise_correlation == 0.7 and resumed.segment_norm_power == 0.5
 
 
 @pytest.mark.parametrize("rho", [-0.1, 1.0])
