@@ -329,7 +329,7 @@ def test_learning_rate_schedules(tiny):
 def test_resume_is_exact_with_the_new_options(tiny):
     options = dict(action_mode="residual", samples_per_segment=2, common_noise=True, segment_baseline=True,
                    segment_norm=True, norm_reward=True, lr_schedule="cosine", critic_hidden=24, policy_dist="tanh",
-                   antithetic_noise=True, noise_correlation=0.5)
+                   antithetic_noise=True, noise_correlation=0.5, segment_norm_power=0.5)
     full = pl.train(tiny(total_timesteps=640, checkpoint_every=240, **options))
     resumed = pl.train(dataclasses.replace(tiny(), resume=str(full / "checkpoints" / "checkpoint_240.pt")))
     _same_stats(_stats(full), _stats(resumed))
