@@ -110,6 +110,12 @@ class Args:
     sqrt(1 - rho^2)). Slowly varying noise moves the lateral acceleration more for the jerk it adds than white
     noise does. 0: white noise (measured, 1M steps, 200 held-out synthetic segments, seed 1: 0.9 53.82 against
     white 54.32; 0.9 with --init-logstd -3.5 54.06, best 53.72 at 750k)"""
+    noise_logprob: Literal["conditioned", "joint"] = "conditioned"
+    """correlated noise's log-probability in the PPO ratio. conditioned: given the carried-over part as it
+    was in the rollout, a biased gradient that credits a step's mean with the later steps' actions too;
+    joint: the AR(1) process's own density, the carried-over part rho * (previous action - previous mean)
+    recomputed under the policy being updated (the exact likelihood ratio, for all but each rollout's
+    first step, whose previous step is in the batch before; one more actor pass per minibatch)"""
     sim_dynamics: Literal["sampled", "expected"] = "sampled"
     """training dynamics: sampled (the official simulator) or expected (the next lateral acceleration is the
     mean of the model's clipped token distribution, no sampling noise). expected is a TRAINING mode whose
@@ -653,8 +659,19 @@ class RewardNormalizer:
 
 
 # --- The clipped PPO loss -----------------------------------------------------------------------
+def joint_noise_offsets(agent: Agent, noise_offsets, prev_obs, prev_actions, carried, noise_correlation: float):
+    """The carried-over part of correlated noise under the current policy, rho * (a_{t-1} - mean(s_{t-1})),
+    where a step carried noise from an earlier step of its rollout; elsewhere the stored offset."""
+    live = noise_correlation * (prev_actions - agent.actor_mean(agent.normalize(prev_obs)))
+    return torch.where(carried, live, noise_offsets)
+
+
 def ppo_loss(agent: Agent, obs, actions, noise_offsets, logprobs, advantages, returns, values, clip_coef: float,
-             norm_adv: bool, clip_vloss: bool, ent_coef: float, vf_coef: float):
+             norm_adv: bool, clip_vloss: bool, ent_coef: float, vf_coef: float, previous: tuple | None = None,
+             noise_correlation: float = 0.0):
+    """previous: (prev_obs, prev_actions, carried) for --noise-logprob joint."""
+    if previous is not None:
+        noise_offsets = joint_noise_offsets(agent, noise_offsets, *previous, noise_correlation)
     _, newlogprob, entropy, newvalue = agent.get_action_and_value(obs, actions, noise_offsets)
     logratio = newlogprob - logprobs
     ratio = logratio.exp()
@@ -792,6 +809,17 @@ def advantages_and_returns(agent: Agent, buf: dict, next_obs: torch.Tensor, next
     return advantages, returns
 
 
+def previous_steps(buf: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each step's previous observation and action in the rollout, and whether its noise carried over from
+    that step (not at a rollout's first step, nor where an episode started)."""
+    prev_obs = torch.cat([buf["obs"][:1], buf["obs"][:-1]])
+    prev_actions = torch.cat([buf["actions"][:1], buf["actions"][:-1]])
+    carried = torch.ones_like(buf["dones"], dtype=torch.bool)
+    carried[0] = False
+    carried[1:] = buf["dones"][1:] == 0
+    return prev_obs, prev_actions, carried[..., None]
+
+
 def ppo_update(agent: Agent, optimizer: torch.optim.Optimizer, loss_fn: Callable, buf: dict,
                advantages: torch.Tensor, returns: torch.Tensor, args: Args, world: int, autocast) -> dict:
     """update_epochs epochs of the clipped objective over shuffled minibatches; returns the last
@@ -801,6 +829,8 @@ def ppo_update(agent: Agent, optimizer: torch.optim.Optimizer, loss_fn: Callable
     b_offsets = buf["noise_offsets"].reshape(-1, 1)
     b_logprobs, b_advantages = buf["logprobs"].reshape(-1), advantages.reshape(-1)
     b_returns, b_values = returns.reshape(-1), buf["values"].reshape(-1)
+    joint = args.noise_logprob == "joint" and args.noise_correlation > 0
+    b_previous = [x.reshape(len(b_obs), -1) for x in previous_steps(buf)] if joint else None
     batch = len(b_obs)
     minibatch_size = batch // args.num_minibatches
     b_inds = np.arange(batch)
@@ -813,7 +843,7 @@ def ppo_update(agent: Agent, optimizer: torch.optim.Optimizer, loss_fn: Callable
                 loss, pg_loss, v_loss, entropy_loss, old_approx_kl, approx_kl, clipfrac = loss_fn(
                     agent, b_obs[mb], b_actions[mb], b_offsets[mb], b_logprobs[mb], b_advantages[mb],
                     b_returns[mb], b_values[mb], args.clip_coef, args.norm_adv, args.clip_vloss, args.ent_coef,
-                    args.vf_coef)
+                    args.vf_coef, [x[mb] for x in b_previous] if joint else None, args.noise_correlation)
             clipfracs.append(clipfrac.item())
             optimizer.zero_grad()
             loss.backward()
@@ -857,7 +887,8 @@ def write_eval(writer: SummaryWriter, costs: dict, global_step: int) -> float:
 
 
 # Flags added after checkpoints were first written, with the value that reproduces how a run without them trained.
-FLAGS_BEFORE_THEY_EXISTED = {"noise_correlation": 0.0, "segment_norm_power": 1.0}
+FLAGS_BEFORE_THEY_EXISTED = {"noise_correlation": 0.0, "segment_norm_power": 1.0,
+                             "noise_logprob": "conditioned"}
 
 
 def saved_args(checkpoint: dict, **overrides) -> Args:

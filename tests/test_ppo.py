@@ -329,7 +329,8 @@ def test_learning_rate_schedules(tiny):
 def test_resume_is_exact_with_the_new_options(tiny):
     options = dict(action_mode="residual", samples_per_segment=2, common_noise=True, segment_baseline=True,
                    segment_norm=True, norm_reward=True, lr_schedule="cosine", critic_hidden=24, policy_dist="tanh",
-                   antithetic_noise=True, noise_correlation=0.5, segment_norm_power=0.5)
+                   antithetic_noise=True, noise_correlation=0.5, segment_norm_power=0.5,
+                   noise_logprob="joint")
     full = pl.train(tiny(total_timesteps=640, checkpoint_every=240, **options))
     resumed = pl.train(dataclasses.replace(tiny(), resume=str(full / "checkpoints" / "checkpoint_240.pt")))
     _same_stats(_stats(full), _stats(resumed))
@@ -414,6 +415,41 @@ def test_a_checkpoint_from_before_correlated_noise_resumes_with_white_noise():
     new = dataclasses.asdict(pl.Args(noise_correlation=0.7, segment_norm_power=0.5))
     resumed = pl.saved_args({"args": new}, resume="r.pt")
     assert resumed.noise_correlation == 0.7 and resumed.segment_norm_power == 0.5
+
+
+def test_joint_noise_logprob_is_the_ar1_process_density_under_the_new_policy():
+    """--noise-logprob joint: summed over a rollout, the per-step log-probabilities under an updated policy
+    are the log-density of its whole AR(1) noise path, n_t = a_t - mean'(s_t) with innovations n_t - rho
+    n_{t-1} (restarting where an episode starts); the conditioned log-probabilities are not."""
+    rho, steps, envs = 0.8, 30, 4
+    torch.manual_seed(0)
+    agent = pl.Agent(te.OBS_DIM, 16, "residual", 0.25, init_logstd=-1.0)
+    torch.nn.init.normal_(agent.actor_mean[-1].weight, std=0.5)
+    buf = pl.new_rollout_buffers(steps, envs, torch.device("cpu"))
+    buf["obs"] = torch.randn((steps, envs, te.OBS_DIM))
+    buf["dones"][12, 1] = 1.0  # environment 1 starts a new episode at step 12
+    noise, args = torch.zeros((envs, 1)), _exploration_args(noise_correlation=rho)
+    with torch.no_grad():
+        for step in range(steps):
+            noise = noise * (1.0 - buf["dones"][step])[:, None]
+            buf["actions"][step], buf["noise_offsets"][step], noise = pl.exploration_actions(
+                agent, buf["obs"][step], noise, args)
+        previous = [x.reshape(steps * envs, -1) for x in pl.previous_steps(buf)]
+        flat = {k: buf[k].reshape(steps * envs, -1) for k in ("obs", "actions", "noise_offsets")}
+        unchanged = pl.joint_noise_offsets(agent, flat["noise_offsets"], *previous, rho)
+        np.testing.assert_allclose(unchanged.numpy(), flat["noise_offsets"].numpy(), atol=1e-6)
+
+        torch.nn.init.normal_(agent.actor_mean[-1].weight, std=0.5)  # the policy after an update
+        joint = pl.joint_noise_offsets(agent, flat["noise_offsets"], *previous, rho)
+        logprob = {name: agent.get_action_and_value(flat["obs"], flat["actions"], offsets)[1].reshape(steps, envs)
+                   for name, offsets in (("joint", joint), ("conditioned", flat["noise_offsets"]))}
+        n = (buf["actions"] - agent.actor_mean(agent.normalize(buf["obs"])))[..., 0].numpy()
+    std = float(np.exp(-1.0))
+    carried = np.concatenate([np.zeros((1, envs)), rho * n[:-1] * (1 - buf["dones"][1:].numpy())])
+    innovations = n - carried
+    density = (-0.5 * (innovations / std) ** 2 - np.log(std) - 0.5 * np.log(2 * np.pi)).sum(0)
+    np.testing.assert_allclose(logprob["joint"].sum(0).numpy(), density, rtol=1e-5)
+    assert np.abs(logprob["conditioned"].sum(0).numpy() - density).min() > 0.1
 
 
 @pytest.mark.parametrize("rho", [-0.1, 1.0])
