@@ -150,7 +150,8 @@ class Args:
     without; with white noise it ties, 54.30 against 54.32)"""
     segment_norm_power: float = 1.0
     """--segment-norm divides by the standard deviation to this power: 1 weighs every segment alike, 0.5
-    leaves a segment with 4x the spread 2x the weight"""
+    leaves a segment with 4x the spread 2x the weight (measured, 2M steps, seed 1: 0.5 drifts up late as 1
+    does, 54.29 against 54.12 at the end)"""
     norm_reward: bool = False
     """divide rewards by a running standard deviation of the discounted return"""
     clip_coef: float = 0.2
