@@ -240,7 +240,8 @@ def validate(args: Args, world: int = 1) -> None:
          "of each process"),
         (args.samples_per_segment > 1 or not (args.segment_baseline or args.common_noise),
          f"--samples-per-segment {args.samples_per_segment} leaves no rollouts to compare: add "
-         f"--no-segment-baseline --no-common-noise{' --no-antithetic-noise' * args.antithetic_noise}, or use K >= 2"),
+         f"--no-segment-baseline --no-common-noise{' --no-antithetic-noise' if args.antithetic_noise else ''}, "
+         "or use K >= 2"),
         (args.samples_per_segment % 2 == 0 or not args.antithetic_noise,
          f"--antithetic-noise pairs the K rollouts of a segment: --samples-per-segment {args.samples_per_segment} "
          "must be even (or add --no-antithetic-noise)"),
@@ -819,9 +820,8 @@ def previous_steps(buf: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]
     that step (not at a rollout's first step, nor where an episode started)."""
     prev_obs = torch.cat([buf["obs"][:1], buf["obs"][:-1]])
     prev_actions = torch.cat([buf["actions"][:1], buf["actions"][:-1]])
-    carried = torch.ones_like(buf["dones"], dtype=torch.bool)
+    carried = buf["dones"] == 0
     carried[0] = False
-    carried[1:] = buf["dones"][1:] == 0
     return prev_obs, prev_actions, carried[..., None]
 
 
