@@ -1,7 +1,9 @@
 """ppo_lateral.py: artifacts, GAE, resume, determinism, compile, argument checks, signals."""
 
 import dataclasses
+import functools
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,19 +21,24 @@ import tinyphysics_env as te
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def _tiny_args(runs_dir: Path, model_path, real_data, **overrides) -> pl.Args:
+    """A few-hundred-step run on synthetic segments, evaluated on 2 real ones."""
+    base = dict(sim_model_path=str(model_path), eval_data_path=str(real_data), synthetic_train=16,
+                eval_segments=2, num_envs=4, samples_per_segment=2, num_steps=20, total_timesteps=320,
+                num_minibatches=2, update_epochs=2, bc_segments=4, bc_epochs=1, eval_every=160,
+                checkpoint_every=160, runs_dir=str(runs_dir), progress=False)
+    return pl.Args(**{**base, **overrides})
+
+
 @pytest.fixture
 def tiny(tmp_path, model_path, real_data):
-    """A few-hundred-step run on synthetic segments, evaluated on 2 real ones."""
+    return functools.partial(_tiny_args, tmp_path / "runs", model_path, real_data)
 
-    def make(**overrides) -> pl.Args:
-        base = dict(sim_model_path=str(model_path), eval_data_path=str(real_data), synthetic_train=16,
-                    eval_segments=2, num_envs=4, samples_per_segment=2, num_steps=20, total_timesteps=320,
-                    num_minibatches=2, update_epochs=2, bc_segments=4, bc_epochs=1, eval_every=160,
-                    checkpoint_every=160,
-                    runs_dir=str(tmp_path / "runs"), progress=False)
-        return pl.Args(**{**base, **overrides})
 
-    return make
+@pytest.fixture(scope="module")
+def default_run(tmp_path_factory, model_path, real_data) -> Path:
+    """The tiny run with nothing overridden, trained once for the tests that only read it."""
+    return pl.train(_tiny_args(tmp_path_factory.mktemp("default") / "runs", model_path, real_data))
 
 
 def _stats(run_dir: Path) -> dict:
@@ -39,8 +46,8 @@ def _stats(run_dir: Path) -> dict:
         return {k: f[k] for k in f.files}
 
 
-def test_tiny_run_writes_every_artifact(tiny):
-    run_dir = pl.train(tiny())
+def test_tiny_run_writes_every_artifact(default_run, tiny):
+    run_dir = default_run
     for name in ("final_model.pt", "best_model.pt", "training_stats.npz"):
         assert (run_dir / name).is_file(), name
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["checkpoint_160.pt", "checkpoint_320.pt"]
@@ -71,7 +78,8 @@ def test_tiny_run_writes_every_artifact(tiny):
 
 
 def test_episodic_costs_are_logged_when_episodes_end(tiny):
-    stats = _stats(pl.train(tiny(num_steps=100, total_timesteps=1600, eval_every=10**9, checkpoint_every=10**9)))
+    stats = _stats(pl.train(tiny(num_steps=100, total_timesteps=1600, eval_every=10**9, checkpoint_every=10**9,
+                                      bc_segments=0)))
     ended = np.isfinite(stats["episodic_total_cost"])
     np.testing.assert_array_equal(stats["global_step"][ended], [1600])  # 400 steps per episode, 4 envs
     assert stats["episodic_total_cost"][ended][0] > 0
@@ -111,26 +119,29 @@ def _same_stats(a: dict, b: dict) -> None:
             np.testing.assert_array_equal(a[key], b[key], err_msg=key)
 
 
-def test_same_seed_gives_identical_runs(tiny):
-    a, b = pl.train(tiny(exp_name="a")), pl.train(tiny(exp_name="b"))
-    _same_stats(_stats(a), _stats(b))
-    for k, v in _weights(a / "final_model.pt").items():
-        assert torch.equal(v, _weights(b / "final_model.pt")[k]), k
-    different = pl.train(tiny(exp_name="c", seed=2))
-    assert not np.array_equal(_stats(a)["value_loss"][1:], _stats(different)["value_loss"][1:])
+def test_same_seed_gives_identical_runs(default_run, tiny):
+    again = pl.train(tiny(exp_name="again"))
+    _same_stats(_stats(default_run), _stats(again))
+    for k, v in _weights(default_run / "final_model.pt").items():
+        assert torch.equal(v, _weights(again / "final_model.pt")[k]), k
+    different = pl.train(tiny(exp_name="c", seed=2, eval_every=10**9))
+    assert not np.array_equal(_stats(default_run)["value_loss"][1:], _stats(different)["value_loss"][1:])
 
 
-def test_resume_matches_the_uninterrupted_run(tiny):
-    """Checkpoints fall mid-episode (400-step episodes, 20-step rollouts), so the env state is restored too."""
-    full = pl.train(tiny(total_timesteps=640, checkpoint_every=240))
-    expected_stats, expected_weights = _stats(full), _weights(full / "final_model.pt")
-    middle = full / "checkpoints" / "checkpoint_240.pt"
+def test_resume_matches_the_uninterrupted_run(default_run, tmp_path):
+    """Checkpoints fall mid-episode (400-step episodes, 20-step rollouts), so the env state is restored too.
+    The run folder is moved first, and what the rest of the run writes is removed from it."""
+    moved = tmp_path / default_run.name
+    shutil.copytree(default_run, moved)
+    for later in ("final_model.pt", "training_stats.npz", "checkpoints/checkpoint_320.pt"):
+        (moved / later).unlink()
+    middle = moved / "checkpoints" / "checkpoint_160.pt"
     state = torch.load(middle, weights_only=False)
-    assert state["iteration"] == 3 and state["env"]["t"] not in (te.CONTROL_START_IDX, te.COST_END_IDX)
-    resumed = pl.train(dataclasses.replace(tiny(), resume=str(middle)))  # its saved Args are used
-    assert resumed == full
-    _same_stats(expected_stats, _stats(resumed))
-    for k, v in expected_weights.items():
+    assert state["iteration"] == 2 and state["env"]["t"] not in (te.CONTROL_START_IDX, te.COST_END_IDX)
+    resumed = pl.train(pl.Args(resume=str(middle)))  # its saved Args are used, in the folder that holds it
+    assert resumed == moved
+    _same_stats(_stats(default_run), _stats(resumed))
+    for k, v in _weights(default_run / "final_model.pt").items():
         assert torch.equal(v, _weights(resumed / "final_model.pt")[k]), k
 
 
@@ -206,30 +217,22 @@ def test_sigterm_writes_a_checkpoint_that_resumes(tmp_path, model_path, real_dat
     assert not list((tmp_path / "runs").rglob("*.part"))
 
 
-def test_training_with_the_torch_simulator(tiny):
-    """--sim-backend torch trains end to end; its evaluations are official-exact, so ONNX Runtime scores
-    the final policy the same."""
-    run_dir = pl.train(tiny(sim_backend="torch", total_timesteps=160))
-    stats = _stats(run_dir)
-    assert np.isfinite(stats["policy_loss"][1:]).all()
-    agent, _ = pl.load_agent(run_dir / "final_model.pt")
-    held_out = te.load_segments(tiny().eval_data_path).subset([0, 1])
-    onnx_cost = pl.evaluate(agent, te.TinyPhysicsModel(tiny().sim_model_path), held_out)["total_cost"].mean()
-    assert onnx_cost == pytest.approx(stats["eval_total_cost"][-1], rel=1e-6)
-
-
 def test_cli_trains_with_the_compiled_torch_simulator(tmp_path, model_path, real_data):
-    """--compile on CPU: the torch simulator, the policy step and the loss all compiled, end to end."""
+    """--compile on CPU: the torch simulator, the policy step and the loss all compiled, end to end. The
+    torch simulator's evaluations are official-exact, so ONNX Runtime scores the final policy the same."""
     result = _cli(tmp_path, "--sim-model-path", str(model_path), "--eval-data-path", str(real_data),
                   "--synthetic-train", "16", "--eval-segments", "1", "--num-envs", "4", "--samples-per-segment", "2",
                   "--num-steps", "20", "--total-timesteps", "80", "--num-minibatches", "2", "--bc-segments", "0",
                   "--no-progress", "--sim-backend", "torch", "--compile")
     assert result.returncode == 0, result.stderr
     run_dir = Path(tmp_path / result.stdout.strip().splitlines()[-1])
-    assert (run_dir / "final_model.pt").is_file()
     assert torch.load(run_dir / "final_model.pt", weights_only=False)["args"]["sim_backend"] == "torch"
     stats = _stats(run_dir)  # the compiled policy step and loss (the same code as with ONNX Runtime) learned
-    assert np.isfinite(stats["policy_loss"][1:]).all() and np.isfinite(stats["eval_total_cost"][-1])
+    assert np.isfinite(stats["policy_loss"][1:]).all()
+    agent, _ = pl.load_agent(run_dir / "final_model.pt")
+    held_out = te.load_segments(real_data).subset([0])
+    onnx_cost = pl.evaluate(agent, te.TinyPhysicsModel(model_path), held_out)["total_cost"].mean()
+    assert onnx_cost == pytest.approx(stats["eval_total_cost"][-1], rel=1e-6)
 
 
 @pytest.mark.parametrize("teacher", ["pid", "pid_ff"])
@@ -245,15 +248,20 @@ def test_batched_teacher_drives_like_the_official_interface(model, real_segments
 
 
 def test_feedforward_teacher_beats_pid_on_synthetic_segments(model, synthetic_data):
-    segments = te.load_segments(synthetic_data, progress=False).subset(np.arange(24))  # 24 keep CI quick
+    segments = te.load_segments(synthetic_data, progress=False).subset(np.arange(12))  # 12 keep CI quick
     pid, ff = (te.rollout_controllers(te.TinyPhysicsSim(model), segments, c)["total_cost"].mean()
                for c in (te.PIDController, te.PIDFeedforwardController))
-    assert ff < 0.8 * pid
+    assert ff < 0.6 * pid  # on these 12: 0.44
 
 
-def test_feedforward_teacher_warm_start_trains(tiny):
-    stats = _stats(pl.train(tiny(teacher="pid_ff", total_timesteps=160)))
+def test_delta_mode_clone_of_the_teacher_trains(tiny):
+    """Outside residual mode the warm start clones the teacher's steer, then PPO trains the clone."""
+    run_dir = pl.train(tiny(action_mode="delta", total_timesteps=160))
+    stats = _stats(run_dir)
     assert np.isfinite(stats["eval_total_cost"]).sum() == 2 and np.isfinite(stats["policy_loss"][1:]).all()
+    events = EventAccumulator(str(run_dir))
+    events.Reload()
+    assert np.isfinite(events.Scalars("bc/actor_mse")[0].value)
 
 
 # --- Learning past the teacher: residual policy, per-segment baseline, reward normalisation -------------
@@ -276,13 +284,12 @@ def test_residual_policy_at_step_0_is_the_teacher(model, real_segments, teacher)
     assert 0 < np.abs(exact - rounded).max() < 1e-5
 
 
-def test_residual_training_starts_from_the_teacher(tiny, model, real_data):
-    run_dir = pl.train(tiny(action_mode="residual", total_timesteps=160))
-    stats = _stats(run_dir)
+def test_residual_training_starts_from_the_teacher(default_run, model, real_data):
+    stats = _stats(default_run)  # the defaults: a residual on pid_ff
     held_out = te.load_segments(real_data).subset([0, 1])
     teacher = te.rollout_controllers(te.TinyPhysicsSim(model), held_out, te.PIDFeedforwardController)
     assert stats["eval_total_cost"][0] == teacher["total_cost"].mean()  # row 0: before any update
-    agent, _ = pl.load_agent(run_dir / "final_model.pt")
+    agent, _ = pl.load_agent(default_run / "final_model.pt")
     assert agent.actor_mean[-1].weight.abs().max() > 0  # PPO moved it
 
 
@@ -332,7 +339,7 @@ def test_resume_is_exact_with_the_new_options(tiny):
                    segment_norm=True, norm_reward=True, lr_schedule="cosine", critic_hidden=24, policy_dist="tanh",
                    antithetic_noise=True, noise_correlation=0.5, segment_norm_power=0.5,
                    noise_logprob="joint")
-    full = pl.train(tiny(total_timesteps=640, checkpoint_every=240, **options))
+    full = pl.train(tiny(total_timesteps=640, checkpoint_every=240, eval_every=10**9, **options))
     resumed = pl.train(dataclasses.replace(tiny(), resume=str(full / "checkpoints" / "checkpoint_240.pt")))
     _same_stats(_stats(full), _stats(resumed))
     for k, v in _weights(full / "final_model.pt").items():

@@ -82,16 +82,20 @@ def test_official_costs_with_the_torch_backend(model_path, real_segments, offici
 
 
 def test_training_stream_is_a_seeded_torch_generator(torch_model, real_segments):
-    def run(seed):
+    def run(seed):  # the first 40 controlled steps: sampled, so they follow the stream
         sim = te.TinyPhysicsSim(torch_model, official_rng=False, seed=seed)
-        return te.rollout_controllers(sim, real_segments.subset([0, 1, 2]), te.PIDController)["total_cost"], sim
+        sim.reset(real_segments.subset([0, 1, 2]))
+        sim.warm_up()
+        for _ in range(40):
+            sim.step(np.zeros(3))
+        return sim.current[:, te.CONTROL_START_IDX:sim.t].copy(), sim
 
     a, sim = run(3)
     b, _ = run(3)
     c, _ = run(4)
     assert isinstance(sim.rng, te.TorchUniformStream)
     np.testing.assert_array_equal(a, b)
-    assert not np.array_equal(a, c)
+    assert (a != c).any(axis=1).all()  # every segment's path differs under another seed
 
 
 def test_vector_env_state_round_trip_with_torch_generator(model_path, synthetic_data):
