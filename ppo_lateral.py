@@ -111,15 +111,15 @@ class Args:
     sqrt(1 - rho^2)). Slowly varying noise moves the lateral acceleration more for the jerk it adds than white
     noise does. 0: white noise (measured, 1M steps, 200 held-out synthetic segments, seed 1: 0.9 53.82 against
     white 54.32; 0.9 with --init-logstd -3.5 54.06, best 53.72 at 750k)"""
-    noise_logprob: Literal["conditioned", "joint"] = "conditioned"
-    """correlated noise's log-probability in the PPO ratio. conditioned: given the carried-over part as it
-    was in the rollout, a biased gradient that credits a step's mean with the later steps' actions too;
-    joint: the AR(1) process's own density, the carried-over part rho * (previous action - previous mean)
-    recomputed under the policy being updated (the exact likelihood ratio, for all but each rollout's
-    first step, whose previous step is in the batch before; one more actor pass per minibatch). Measured,
-    2M steps, seed 1: joint 54.64 at 500k against conditioned 53.81 (a smooth change of the mean barely
-    moves the joint ratio, so the clipping holds it back less: clipfrac 0.5-1.8% against 4-6%); 1M steps
-    on today's defaults, seed 1: joint 56.37 at 750k, joint with --clip-coef 0.05 52.29, conditioned 52.85)"""
+    noise_logprob: Literal["conditioned", "joint"] = "joint"
+    """correlated noise's log-probability in the PPO ratio. joint: the AR(1) process's own density, the
+    carried-over part rho * (previous action - previous mean) recomputed under the policy being updated (the
+    exact likelihood ratio, for all but each rollout's first step, whose previous step is in the batch before;
+    one more actor pass per minibatch); conditioned: given the carried-over part as it was in the rollout, a
+    biased gradient that credits a step's mean with the later steps' actions too. A smooth change of the mean
+    barely moves the joint ratio, so it wants a tighter --clip-coef (measured, 1M steps, 200 held-out synthetic
+    segments, 3 seeds: joint with --clip-coef 0.05 51.80, median 42.05, against conditioned with 0.2 52.65,
+    median 42.97; seed 1, joint with 0.2: unstable, 56.37 at 750k)"""
     sim_dynamics: Literal["sampled", "expected"] = "sampled"
     """training dynamics: sampled (the official simulator) or expected (the next lateral acceleration is the
     mean of the model's clipped token distribution, no sampling noise). expected is a TRAINING mode whose
@@ -158,8 +158,9 @@ class Args:
     does, 54.29 against 54.12 at the end)"""
     norm_reward: bool = False
     """divide rewards by a running standard deviation of the discounted return"""
-    clip_coef: float = 0.2
-    """the surrogate clipping coefficient"""
+    clip_coef: float = 0.05
+    """the surrogate clipping coefficient (and the value clip's, in the returns' units; measured with the joint
+    --noise-logprob, 1M steps, seed 1: 0.05 52.29, 0.05 without value clipping 52.38, 0.2 unstable)"""
     clip_vloss: bool = True
     """clip the value loss as in the PPO paper's implementation"""
     ent_coef: float = 0.0

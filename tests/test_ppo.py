@@ -413,16 +413,16 @@ def test_correlated_noise_is_ar1_with_the_policys_fresh_std():
 
 
 def test_a_checkpoint_from_before_correlated_noise_resumes_with_white_noise():
-    """Runs written before --noise-correlation existed trained with white noise; resuming one must not
-    switch it to today's default."""
+    """Runs written before --noise-correlation (and --noise-logprob) existed trained with white noise (and the
+    conditioned log-probability); resuming one must not switch it to today's defaults."""
     old = {k: v for k, v in dataclasses.asdict(pl.Args()).items()
-           if k not in ("noise_correlation", "segment_norm_power")}
+           if k not in ("noise_correlation", "segment_norm_power", "noise_logprob")}
     resumed = pl.saved_args({"args": old}, resume="r.pt")
-    assert resumed.noise_correlation == 0.0 and resumed.segment_norm_power == 1.0
-    assert pl.Args().noise_correlation > 0  # the default it must not pick up
-    new = dataclasses.asdict(pl.Args(noise_correlation=0.7, segment_norm_power=0.5))
+    assert (resumed.noise_correlation, resumed.segment_norm_power, resumed.noise_logprob) == (0.0, 1.0, "conditioned")
+    assert pl.Args().noise_correlation > 0 and pl.Args().noise_logprob == "joint"  # the defaults it must not pick up
+    new = dataclasses.asdict(pl.Args(noise_correlation=0.7, segment_norm_power=0.5, noise_logprob="conditioned"))
     resumed = pl.saved_args({"args": new}, resume="r.pt")
-    assert resumed.noise_correlation == 0.7 and resumed.segment_norm_power == 0.5
+    assert (resumed.noise_correlation, resumed.segment_norm_power, resumed.noise_logprob) == (0.7, 0.5, "conditioned")
 
 
 def test_joint_noise_logprob_is_the_ar1_process_density_under_the_new_policy():
