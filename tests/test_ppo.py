@@ -46,7 +46,7 @@ def _stats(run_dir: Path) -> dict:
         return {k: f[k] for k in f.files}
 
 
-def test_tiny_run_writes_every_artifact(default_run, tiny):
+def test_tiny_run_writes_every_artifact(default_run, model_path, real_data):
     run_dir = default_run
     for name in ("final_model.pt", "best_model.pt", "training_stats.npz"):
         assert (run_dir / name).is_file(), name
@@ -71,8 +71,8 @@ def test_tiny_run_writes_every_artifact(default_run, tiny):
     # The checkpoint describes its own policy: rebuilt without any Args, it scores as training said.
     agent, checkpoint = pl.load_agent(run_dir / "final_model.pt")
     assert checkpoint["global_step"] == 320 and "optimizer" not in checkpoint
-    model = te.TinyPhysicsModel(tiny().sim_model_path)
-    held_out = te.load_segments(tiny().eval_data_path).subset([0, 1])
+    model = te.TinyPhysicsModel(model_path)
+    held_out = te.load_segments(real_data).subset([0, 1])
     assert pl.evaluate(agent, model, held_out)["total_cost"].mean() == pytest.approx(stats["eval_total_cost"][-1],
                                                                                      rel=1e-12)
 
