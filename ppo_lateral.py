@@ -156,6 +156,10 @@ class Args:
     """--segment-norm divides by the standard deviation to this power: 1 weighs every segment alike, 0.5
     leaves a segment with 4x the spread 2x the weight (measured, 2M steps, seed 1: 0.5 drifts up late as 1
     does, 54.29 against 54.12 at the end)"""
+    segment_norm_floor: float = 0.0
+    """--segment-norm divides by at least this quantile of the segments' standard deviations in the batch (0.5:
+    the median; 0: no floor), so a segment whose K rollouts barely differ, where the differences are mostly
+    simulator noise, keeps less than full weight; under torchrun each process takes its own quantile"""
     norm_reward: bool = False
     """divide rewards by a running standard deviation of the discounted return"""
     clip_coef: float = 0.05
@@ -249,6 +253,8 @@ def validate(args: Args, world: int = 1) -> None:
         (0 <= args.noise_correlation < 1, f"--noise-correlation {args.noise_correlation}: must be in [0, 1)"),
         (0 < args.segment_norm_power <= 1, f"--segment-norm-power {args.segment_norm_power}: must be in (0, 1] "
                                            "(turn the normalisation off with --no-segment-norm)"),
+        (0 <= args.segment_norm_floor < 1, f"--segment-norm-floor {args.segment_norm_floor}: must be in [0, 1) "
+                                           "(0 sets no floor)"),
         (0 <= args.final_lr_fraction <= 1, f"--final-lr-fraction {args.final_lr_fraction}: must be in [0, 1]"),
         (0 < args.gamma <= 1 and 0 <= args.gae_lambda <= 1, "--gamma must be in (0, 1] and --gae-lambda in [0, 1]"),
         (args.synthetic_train >= 0 and args.bc_segments >= 0, "--synthetic-train and --bc-segments cannot be negative"),
@@ -625,18 +631,22 @@ def compute_gae(rewards: torch.Tensor, values: torch.Tensor, dones: torch.Tensor
 
 
 def segment_advantages(advantages: torch.Tensor, samples_per_segment: int, center: bool,
-                       norm_power: float) -> torch.Tensor:
+                       norm_power: float, norm_floor: float = 0.0) -> torch.Tensor:
     """Advantages [num_steps, num_envs] with a per-segment baseline: environments k*K .. k*K+K-1 run
     the same segment in lockstep (see TinyPhysicsVectorEnv), so `center` subtracts, at every step, the
     mean over those K copies, and a `norm_power` p > 0 divides each group by its own standard deviation
     over the rollout to the power p (p = 1: each segment then weighs alike, whatever its difficulty; p
-    between 0 and 1 keeps some of the hard segments' weight)."""
+    between 0 and 1 keeps some of the hard segments' weight). A `norm_floor` q > 0 raises every standard
+    deviation below the q-quantile of the groups' to that quantile before dividing."""
     num_steps, num_envs = advantages.shape
     groups = advantages.reshape(num_steps, num_envs // samples_per_segment, samples_per_segment)
     if center:
         groups = groups - groups.mean(dim=2, keepdim=True)
     if norm_power and num_steps * samples_per_segment > 1:
-        groups = groups / (groups.std(dim=(0, 2), keepdim=True) ** norm_power + 1e-8)
+        spread = groups.std(dim=(0, 2), keepdim=True)
+        if norm_floor:
+            spread = spread.clamp(min=torch.quantile(spread, norm_floor))
+        groups = groups / (spread**norm_power + 1e-8)
     return groups.reshape(num_steps, num_envs)
 
 
@@ -812,7 +822,8 @@ def advantages_and_returns(agent: Agent, buf: dict, next_obs: torch.Tensor, next
                                           args.gamma, args.gae_lambda)
     if args.segment_baseline or args.segment_norm:
         advantages = segment_advantages(advantages, args.samples_per_segment, args.segment_baseline,
-                                        args.segment_norm_power if args.segment_norm else 0.0)
+                                        args.segment_norm_power if args.segment_norm else 0.0,
+                                        args.segment_norm_floor)
     return advantages, returns
 
 
@@ -894,7 +905,7 @@ def write_eval(writer: SummaryWriter, costs: dict, global_step: int) -> float:
 
 # Flags added after checkpoints were first written, with the value that reproduces how a run without them trained.
 FLAGS_BEFORE_THEY_EXISTED = {"noise_correlation": 0.0, "segment_norm_power": 1.0,
-                             "noise_logprob": "conditioned"}
+                             "noise_logprob": "conditioned", "segment_norm_floor": 0.0}
 
 
 def saved_args(checkpoint: dict, **overrides) -> Args:

@@ -311,6 +311,12 @@ def test_segment_baseline_by_hand():
     np.testing.assert_allclose(soft.numpy(), [[-1 / sd_a**0.5, 1 / sd_a**0.5, -10 / sd_b**0.5, 10 / sd_b**0.5],
                                               [-2 / sd_a**0.5, 2 / sd_a**0.5, -10 / sd_b**0.5, 10 / sd_b**0.5]],
                                rtol=1e-6)
+    # A floor at the median of the two spreads (their mean, for two) lifts the quieter pair's spread to it,
+    # so that pair is divided by more and ends with less weight than the louder one.
+    floor = (sd_a + sd_b) / 2
+    floored = pl.segment_advantages(advantages, 2, center=True, norm_power=1.0, norm_floor=0.5)
+    np.testing.assert_allclose(floored.numpy(), [[-1 / floor, 1 / floor, -10 / sd_b, 10 / sd_b],
+                                                 [-2 / floor, 2 / floor, -10 / sd_b, 10 / sd_b]], rtol=1e-6)
 
 
 def test_reward_normalizer_tracks_the_discounted_return():
@@ -470,6 +476,12 @@ def test_noise_correlation_outside_0_1_is_refused(rho):
 def test_segment_norm_power_outside_0_1_is_refused(power):
     with pytest.raises(te.TinyPhysicsError, match=rf"--segment-norm-power {power}: must be in \(0, 1\]"):
         pl.validate(pl.Args(segment_norm_power=power))
+
+
+@pytest.mark.parametrize("floor", [-0.1, 1.0])
+def test_segment_norm_floor_outside_0_1_is_refused(floor):
+    with pytest.raises(te.TinyPhysicsError, match=rf"--segment-norm-floor {floor}: must be in \[0, 1\)"):
+        pl.validate(pl.Args(segment_norm_floor=floor))
 
 
 def test_expected_dynamics_training_runs(tiny):
