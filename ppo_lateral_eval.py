@@ -326,5 +326,10 @@ def evaluate_cli(args: Args) -> dict:
     return {**summary, "per_segment": results}
 
 
+def main(argv: list[str] | None = None) -> None:
+    """The command line (argv: its arguments, sys.argv's by default); bad input exits 2 with one line."""
+    te.run_cli(lambda: evaluate_cli(tyro.cli(Args, args=argv)))
+
+
 if __name__ == "__main__":
-    te.run_cli(lambda: evaluate_cli(tyro.cli(Args)))
+    main()

@@ -42,6 +42,9 @@ class Args:
     """folder with models/tinyphysics.onnx, data/*.csv and reference/official_costs.csv"""
     out: str = os.environ.get("OUT", "gpu_check_out")
     """where gpu_check.md and gpu_check.json go"""
+    exact_segments: int = 10
+    """asset segments scored against official_costs.csv and compared token by token with ONNX Runtime (the
+    suite uses fewer: the whole set is already scored in tests/test_eval.py)"""
     batch_sizes: tuple[int, ...] = (1024, 4096, 16384, 65536)
     """simulator batch sizes measured on CUDA"""
     cpu_batch_sizes: tuple[int, ...] = (64,)
@@ -90,22 +93,24 @@ def environment(device: str) -> dict:
 
 
 # --- 1. Exactness ------------------------------------------------------------------------------
-def eval_costs(assets: Path, controller: str, backend: str, compile: bool, folder: Path) -> pd.DataFrame:
+def eval_costs(assets: Path, controller: str, backend: str, compile: bool, folder: Path,
+               num_segs: int) -> pd.DataFrame:
     """Per-segment costs from the real command line, ppo_lateral_eval.py."""
     csv = folder / f"{controller}-{backend}-{'compiled' if compile else 'eager'}.csv"
     command = [sys.executable, str(ROOT / "ppo_lateral_eval.py"), "--controller", controller, "--baseline", "none",
                "--sim-model-path", str(assets / "models" / "tinyphysics.onnx"), "--data-path", str(assets / "data"),
-               "--sim-backend", backend, "--results-csv", str(csv), "--no-progress", "--num-segs", "10"]
+               "--sim-backend", backend, "--results-csv", str(csv), "--no-progress", "--num-segs", str(num_segs)]
     done = subprocess.run(command + (["--compile"] if compile else []), capture_output=True, text=True)
     if done.returncode:
         raise RuntimeError(f"ppo_lateral_eval.py failed: {done.stderr.strip().splitlines()[-1]}")
     return pd.read_csv(csv, dtype={"segment": str})
 
 
-def token_differences(assets: Path, device: str) -> dict:
+def token_differences(assets: Path, device: str, num_segs: int) -> dict:
     """PID on the asset segments with the official streams: the torch simulator on `device` against ONNX
     Runtime on the CPU, compared step by step (a differing token changes every later step)."""
     segments = te.load_segments(assets / "data", progress=False)
+    segments = segments.subset(np.arange(min(num_segs, len(segments))))
     path = assets / "models" / "tinyphysics.onnx"
     histories = {}
     for name, model in (("onnx-cpu", te.TinyPhysicsModel(path)),
@@ -140,9 +145,9 @@ def check_exactness(args: Args, report: Report, device: str) -> None:
                 if report.left(args.budget_s) < 60:
                     rows.append([controller, "compiled" if compile else "eager", "skipped (time)", "", ""])
                     continue
-                costs = eval_costs(assets, controller, "torch", compile, Path(folder))
-                official = reference[reference.controller == controller].set_index("segment").total_cost
-                ours = costs.set_index("segment").total_cost.loc[official.index]
+                costs = eval_costs(assets, controller, "torch", compile, Path(folder), args.exact_segments)
+                ours = costs.set_index("segment").total_cost
+                official = reference[reference.controller == controller].set_index("segment").total_cost.loc[ours.index]
                 relative = float((np.abs(ours - official) / official).max())
                 agree = int((np.abs(ours - official) <= 1e-6 * official).sum())
                 label = f"{controller} {'compiled' if compile else 'eager'}"
@@ -150,7 +155,7 @@ def check_exactness(args: Args, report: Report, device: str) -> None:
                                   "segments": len(official)}
                 rows.append([controller, "compiled" if compile else "eager", f"{agree}/{len(official)}",
                              f"{relative:.1e}", "yes" if agree == len(official) else "NO"])
-    tokens = token_differences(assets, device)
+    tokens = token_differences(assets, device, args.exact_segments)
     tf32_off = tf32_is_off_for_fp32(assets / "models" / "tinyphysics.onnx", device)
     report.data["exactness"] = {"official_costs": results, "tokens_vs_onnx_cpu": tokens, "tf32_off_for_fp32": tf32_off}
     report.table(f"Exactness: ppo_lateral_eval.py --sim-backend torch on {device}, against official_costs.csv",

@@ -6,6 +6,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+import ppo_lateral_eval as pe
 import tinyphysics_env as te
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -63,3 +64,19 @@ def synthetic_data(tmp_path_factory) -> Path:
 def _private_cache(tmp_path_factory):
     """Tests never touch the user's cache."""
     os.environ["TINYPHYSICS_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+
+
+@pytest.fixture
+def eval_cli(tmp_path, monkeypatch, capsys):
+    """ppo_lateral_eval.py's command line run inside this process, from tmp_path: (exit code, stderr). It is
+    the script's own main; only the interpreter's start-up, seconds per call, is left out."""
+    def run(*argv: str) -> tuple[int, str]:
+        monkeypatch.chdir(tmp_path)
+        capsys.readouterr()
+        try:
+            pe.main(["--no-progress", *argv])
+            code = 0
+        except SystemExit as e:
+            code = e.code
+        return code, capsys.readouterr().err
+    return run

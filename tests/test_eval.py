@@ -75,13 +75,14 @@ def test_builtin_controllers_reproduce_the_official_costs(tmp_path, assets_flags
     assert "73.0616" in result.stdout and "559.0647" in result.stdout  # the summary table
 
 
-def test_controller_file_batched_equals_one_at_a_time(tmp_path, assets_flags, controllers_dir, model, real_segments):
+def test_controller_file_batched_equals_one_at_a_time(tmp_path, assets_flags, controllers_dir, model, real_segments,
+                                                       eval_cli):
     outputs = []
     for batch in ("10", "1"):
         out = tmp_path / f"b{batch}.csv"
-        result = run_eval(tmp_path, *assets_flags, "--controller", str(controllers_dir / "feedforward.py"),
-                          "--baseline", "none", "--batch-size", batch, "--results-csv", str(out))
-        assert result.returncode == 0, result.stderr
+        code, stderr = eval_cli(*assets_flags, "--controller", str(controllers_dir / "feedforward.py"),
+                                "--baseline", "none", "--batch-size", batch, "--results-csv", str(out))
+        assert code == 0, stderr
         outputs.append(pd.read_csv(out))
     pd.testing.assert_frame_equal(outputs[0], outputs[1])
     # ... and equals the literal official-style loop, whose plan and state come straight from the rows.
@@ -106,14 +107,16 @@ def test_summary_json_and_report(tmp_path, assets_flags):
     assert data["controllers"]["pid"]["total_cost"] == pytest.approx(
         np.mean([100.19350754132117, 32.78912736298331, 73.30541972918505, 87.56101464891773]), rel=1e-12)
     page = report.read_text()
+    header = page.split("<p>", 1)[1].split("</p>", 1)[0]  # it counts what was scored, not what was asked
+    assert header.startswith("4 segments (00000 .. 00003), official-exact costs") and "first 3" in header
     assert "<table" in page and "total_cost" in page and "did not beat" in page
     assert page.count("data:image/png;base64,") == 1 + 3  # histograms + 3 sample rollouts
     assert "http" not in page.split("<body>")[1]  # self-contained
 
 
-def test_fewer_segments_than_asked_are_all_scored(tmp_path, assets_flags):
-    result = run_eval(tmp_path, *assets_flags, "--controller", "zero", "--baseline", "none")
-    assert result.returncode == 0 and "only 10 segments found; scoring all of them" in result.stderr
+def test_fewer_segments_than_asked_are_all_scored(assets_flags, eval_cli):
+    code, stderr = eval_cli(*assets_flags, "--controller", "zero", "--baseline", "none")
+    assert code == 0 and "only 10 segments found; scoring all of them" in stderr
 
 
 def _policy_checkpoint(path: Path, seed: int = 0, mode: str = "delta") -> Path:
@@ -127,20 +130,20 @@ def _policy_checkpoint(path: Path, seed: int = 0, mode: str = "delta") -> Path:
 
 @pytest.mark.parametrize("mode", ["delta", "residual"])
 def test_exported_controller_scores_like_the_checkpoint(tmp_path, assets_flags, controllers_dir, model, real_segments,
-                                                        mode):
+                                                        eval_cli, mode):
     checkpoint = _policy_checkpoint(tmp_path / "policy.pt", mode=mode)
     from_checkpoint = tmp_path / "checkpoint.csv"
-    result = run_eval(tmp_path, *assets_flags, "--model-path", str(checkpoint), "--baseline", "none",
-                      "--results-csv", str(from_checkpoint), "--export-controller", str(controllers_dir / "ppo.py"))
-    assert result.returncode == 0, result.stderr
+    code, stderr = eval_cli(*assets_flags, "--model-path", str(checkpoint), "--baseline", "none", "--results-csv",
+                            str(from_checkpoint), "--export-controller", str(controllers_dir / "ppo.py"))
+    assert code == 0, stderr
     assert (controllers_dir / "ppo.npz").is_file()
     source = (controllers_dir / "ppo.py").read_text()
     assert "import torch" not in source and "tinyphysics_env" not in source  # numpy only, standalone
 
     from_export = tmp_path / "export.csv"
-    result = run_eval(tmp_path, *assets_flags, "--controller", str(controllers_dir / "ppo.py"), "--baseline", "none",
-                      "--results-csv", str(from_export))
-    assert result.returncode == 0, result.stderr
+    code, stderr = eval_cli(*assets_flags, "--controller", str(controllers_dir / "ppo.py"), "--baseline", "none",
+                            "--results-csv", str(from_export))
+    assert code == 0, stderr
     a, b = pd.read_csv(from_checkpoint), pd.read_csv(from_export)
     np.testing.assert_array_equal(a.total_cost, b.total_cost)
     assert a.total_cost.std() > 0
@@ -158,7 +161,7 @@ def test_exported_controller_scores_like_the_checkpoint(tmp_path, assets_flags, 
     ("no csv", "no .csv segments there"),
     ("both", "pass exactly one of --model-path"),
 ])
-def test_bad_input_is_one_line_and_writes_nothing(tmp_path, assets_flags, controllers_dir, case, message):
+def test_bad_input_is_one_line_and_writes_nothing(tmp_path, assets_flags, controllers_dir, eval_cli, case, message):
     good = _policy_checkpoint(tmp_path / "good.pt")
     corrupt = tmp_path / "corrupt.pt"
     corrupt.write_bytes(good.read_bytes()[:200])
@@ -176,8 +179,8 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, assets_flags, contro
     }[case]
     outputs = [tmp_path / "out" / name for name in ("r.csv", "s.json", "report.html")]
     outputs[0].parent.mkdir()
-    result = run_eval(tmp_path, *assets_flags, *flags, "--results-csv", str(outputs[0]), "--json", str(outputs[1]),
-                      "--report", str(outputs[2]))
-    assert result.returncode == 2
-    assert message in result.stderr and result.stderr.count("\n") == 1, result.stderr
+    code, stderr = eval_cli(*assets_flags, *flags, "--results-csv", str(outputs[0]), "--json", str(outputs[1]),
+                            "--report", str(outputs[2]))
+    assert code == 2
+    assert message in stderr and stderr.count("\n") == 1, stderr
     assert not any(p.exists() for p in outputs) and not list((tmp_path / "out").iterdir())

@@ -1,5 +1,5 @@
 """Faults a user meets in practice: damaged caches, misbehaving controllers, full disks, moved runs,
-file permissions, the report header, and the Gymnasium spaces' bounds."""
+file permissions, and the Gymnasium spaces' bounds."""
 
 import dataclasses
 import errno
@@ -135,25 +135,30 @@ def _controller_package(tmp_path: Path, body: str) -> Path:
     return package / "bad.py"
 
 
-def _eval(tmp_path, model_path, real_data, *flags):
+def _eval_flags(tmp_path, model_path, real_data) -> list[str]:
     out = tmp_path / "out"
     out.mkdir(exist_ok=True)
-    outputs = ["--results-csv", str(out / "r.csv"), "--json", str(out / "s.json"), "--report", str(out / "r.html")]
-    result = subprocess.run([sys.executable, str(ROOT / "ppo_lateral_eval.py"), "--no-progress", "--sim-model-path",
-                             str(model_path), "--data-path", str(real_data), "--num-segs", "10", *outputs, *flags],
+    return ["--sim-model-path", str(model_path), "--data-path", str(real_data), "--num-segs", "10", "--results-csv",
+            str(out / "r.csv"), "--json", str(out / "s.json"), "--report", str(out / "r.html")]
+
+
+def _eval(tmp_path, model_path, real_data, *flags):
+    result = subprocess.run([sys.executable, str(ROOT / "ppo_lateral_eval.py"), "--no-progress",
+                             *_eval_flags(tmp_path, model_path, real_data), *flags],
                             cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    return result, list(out.iterdir())
+    return result, list((tmp_path / "out").iterdir())
 
 
 @pytest.mark.parametrize("kind", list(BAD_CONTROLLERS))
-def test_a_controller_answering_no_finite_number_is_a_one_line_error(tmp_path, model_path, real_data, kind):
+def test_a_controller_answering_no_finite_number_is_a_one_line_error(tmp_path, model_path, real_data, eval_cli,
+                                                                      kind):
     controller = _controller_package(tmp_path, BAD_CONTROLLERS[kind])
-    result, written = _eval(tmp_path, model_path, real_data, "--controller", str(controller))
-    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    code, stderr = eval_cli(*_eval_flags(tmp_path, model_path, real_data), "--controller", str(controller))
+    assert code == 2 and stderr.count("\n") == 1, stderr
     step = {"nan": 100, "inf": 170, "text": 100, "none": 140}[kind]  # call n (from 1) is at step 19 + n
-    assert f"{controller}: update() returned" in result.stderr and f"at step {step} of segment 00000" in result.stderr
-    assert "must return a finite number" in result.stderr
-    assert written == []
+    assert f"{controller}: update() returned" in stderr and f"at step {step} of segment 00000" in stderr
+    assert "must return a finite number" in stderr
+    assert list((tmp_path / "out").iterdir()) == []
 
 
 def test_a_raising_controller_shows_its_traceback_then_names_where(tmp_path, model_path, real_data):
@@ -167,14 +172,15 @@ def test_a_raising_controller_shows_its_traceback_then_names_where(tmp_path, mod
     assert written == []
 
 
-def test_non_finite_policy_weights_are_a_one_line_error(tmp_path, model_path, real_data):
+def test_non_finite_policy_weights_are_a_one_line_error(tmp_path, model_path, real_data, eval_cli):
     agent = pl.Agent(te.OBS_DIM, 8, "delta", 0.25)
     with torch.no_grad():
         agent.actor_mean[-1].bias.fill_(float("nan"))
     pl.save_checkpoint(pl.policy_checkpoint(agent, global_step=0), tmp_path / "nan.pt")
-    result, written = _eval(tmp_path, model_path, real_data, "--model-path", str(tmp_path / "nan.pt"))
-    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
-    assert "the policy's steer is nan at step 100 of segment 00000" in result.stderr and written == []
+    code, stderr = eval_cli(*_eval_flags(tmp_path, model_path, real_data), "--model-path", str(tmp_path / "nan.pt"))
+    assert code == 2 and stderr.count("\n") == 1, stderr
+    assert "the policy's steer is nan at step 100 of segment 00000" in stderr
+    assert list((tmp_path / "out").iterdir()) == []
 
 
 def _small_run(tmp_path, model_path, real_data, **overrides) -> pl.Args:
@@ -295,18 +301,7 @@ def test_written_files_get_the_usual_permissions(tmp_path, model_path, real_data
         assert f.stat().st_mode & 0o777 == mode, f
 
 
-# --- 7: the report header ----------------------------------------------------------------------
-def test_report_header_counts_the_scored_segments(tmp_path, model_path, real_data):
-    report = tmp_path / "report.html"
-    result = subprocess.run([sys.executable, str(ROOT / "ppo_lateral_eval.py"), "--no-progress", "--controller", "zero",
-                             "--sim-model-path", str(model_path), "--data-path", str(real_data), "--num-segs", "7",
-                             "--report", str(report)], capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr
-    header = report.read_text().split("<p>", 1)[1].split("</p>", 1)[0]
-    assert header.startswith("7 segments (00000 .. 00006), official-exact costs") and "first 3" in header
-
-
-# --- 8: Gymnasium bounds -----------------------------------------------------------------------
+# --- 7: Gymnasium bounds ----------------------------------------------------------------------
 def test_check_env_passes_without_warnings(model, real_segments):
     env = te.TinyPhysicsEnv(segments=real_segments, model=model)
     space = env.observation_space
