@@ -136,8 +136,11 @@ class Args:
     """cosine schedule: the last learning rate as a fraction of --learning-rate"""
     gamma: float = 0.9
     """discount factor (measured at 1M steps: 0.9 beat 0.95 and 0.99; a step's steer matters for about a second)"""
-    gae_lambda: float = 0.95
-    """GAE lambda"""
+    gae_lambda: float = 1.0
+    """GAE lambda. 1: the advantage is the discounted return minus V(s_t), so the critic (which explains
+    little here: its explained variance has a median of -0.6 to -2.7 over a run) biases it only at the
+    rollout's end, and the per-segment centring removes V's level (measured, 1M steps, 200 held-out synthetic
+    segments, 3 seeds: 1.0 51.44, median 41.64, against 0.95 51.80, median 42.05)"""
     num_minibatches: int = 4
     """minibatches per update epoch (under torchrun each process splits its share the same way, and a global
     minibatch is the union of theirs)"""
