@@ -334,7 +334,7 @@ def load_splits(args: Args) -> tuple[te.Segments, te.Segments]:
         train = te.load_segments(folder)
         held_out = te.load_segments(te.resolve_data_path(args.eval_data_path or args.data_path))
         if not args.eval_data_path:
-            held_out = held_out.subset(np.arange(min(te.NUM_EVAL_SEGMENTS, len(held_out))))
+            held_out = held_out.first(te.NUM_EVAL_SEGMENTS)
     elif args.eval_data_path:
         train = te.load_segments(te.resolve_data_path(args.data_path))
         held_out = te.load_segments(te.resolve_data_path(args.eval_data_path))
@@ -342,7 +342,7 @@ def load_splits(args: Args) -> tuple[te.Segments, te.Segments]:
         everything = te.load_segments(te.resolve_data_path(args.data_path))
         train_idx, eval_idx = te.split_segments(len(everything))
         train, held_out = everything.subset(train_idx), everything.subset(eval_idx)
-    return train, held_out.subset(np.arange(min(args.eval_segments, len(held_out))))
+    return train, held_out.first(args.eval_segments)
 
 
 # --- Agent -------------------------------------------------------------------------------------

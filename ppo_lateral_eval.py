@@ -292,7 +292,7 @@ def evaluate_cli(args: Args) -> dict:
     if len(segments) < args.num_segs:
         print(f"note: only {len(segments)} segments found; scoring all of them (--num-segs {args.num_segs})",
               file=sys.stderr)
-    segments = segments.subset(np.arange(min(args.num_segs, len(segments))))
+    segments = segments.first(args.num_segs)
     device = pl.pick_device(args.cuda).type
     if args.compile and (args.sim_backend if args.sim_backend != "auto" else te.default_sim_backend(device)) != "torch":
         raise te.TinyPhysicsError("--compile compiles the torch simulator: add --sim-backend torch")
@@ -316,7 +316,7 @@ def evaluate_cli(args: Args) -> dict:
     if args.json:
         write_text_atomic(args.json, json.dumps(summary, indent=2))
     if args.report:
-        shown = segments.subset(np.arange(min(3, len(segments))))
+        shown = segments.first(3)
         rollouts = {s.name: sample_rollouts(s, model, shown) for s in scorers}
         write_text_atomic(args.report, report_html(table, results, rollouts, shown.names, test.name,
                                                    baseline.name if baseline else None, segments.names))

@@ -263,6 +263,10 @@ class Segments:
         return Segments([self.names[i] for i in idx], self.lengths[idx],
                         *(np.ascontiguousarray(getattr(self, f)[idx]) for f in self.FIELDS))
 
+    def first(self, n: int) -> Segments:
+        """The first n segments (all of them when there are fewer)."""
+        return self.subset(np.arange(min(n, len(self))))
+
 
 def _read_segment_csv(path: Path) -> np.ndarray:
     """One segment as a (5, ROWS_USED) float64 array in the simulator's units, checked."""

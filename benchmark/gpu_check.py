@@ -110,7 +110,7 @@ def token_differences(assets: Path, device: str, num_segs: int) -> dict:
     """PID on the asset segments with the official streams: the torch simulator on `device` against ONNX
     Runtime on the CPU, compared step by step (a differing token changes every later step)."""
     segments = te.load_segments(assets / "data", progress=False)
-    segments = segments.subset(np.arange(min(num_segs, len(segments))))
+    segments = segments.first(num_segs)
     path = assets / "models" / "tinyphysics.onnx"
     histories = {}
     for name, model in (("onnx-cpu", te.TinyPhysicsModel(path)),
