@@ -328,10 +328,7 @@ def weights_fingerprint(agent: nn.Module) -> str:
 def load_splits(args: Args) -> tuple[te.Segments, te.Segments]:
     """(training, held-out evaluation) segments as the arguments ask."""
     if args.synthetic_train:
-        folder = te.cache_dir() / "synthetic" / f"n{args.synthetic_train}-seed{args.seed}"
-        if len(list(folder.glob("*.csv"))) != args.synthetic_train:
-            te.synthesize_segments(args.synthetic_train, seed=args.seed, out_dir=folder)
-        train = te.load_segments(folder)
+        train = te.load_segments(te.cached_synthetic(args.synthetic_train, args.seed))
         held_out = te.load_segments(te.resolve_data_path(args.eval_data_path or args.data_path))
         if not args.eval_data_path:
             held_out = held_out.first(te.NUM_EVAL_SEGMENTS)

@@ -469,6 +469,28 @@ def synthesize_segments(n: int, seed: int, out_dir: str | Path) -> list[Path]:
     return paths
 
 
+def cached_synthetic(n: int, seed: int, kind: str = "") -> Path:
+    """The cache's folder of `synthesize_segments(n, seed)`, written once. The segments are made in a
+    private folder and renamed into place whole, so that two runs started side by side never read the
+    other's half-written files (the loser of the rename discards its copy: both are the same)."""
+    folder = cache_dir() / "synthetic" / f"{kind}n{n}-seed{seed}"
+    if len(list(folder.glob("*.csv"))) == n:
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    private = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
+    try:
+        synthesize_segments(n, seed, private)
+        if folder.exists() and len(list(folder.glob("*.csv"))) != n:  # left by an interrupted older write
+            shutil.rmtree(folder, ignore_errors=True)
+        private.rename(folder)
+    except OSError:
+        if len(list(folder.glob("*.csv"))) != n:  # not another run's finished copy: a real failure
+            raise
+    finally:
+        shutil.rmtree(private, ignore_errors=True)
+    return folder
+
+
 # --- The model --------------------------------------------------------------------------------
 class TinyPhysicsModel:
     """The official ONNX model under ONNX Runtime: CPU, or CUDA when both CUDA and the provider exist.

@@ -59,13 +59,6 @@ class Args:
     """also draw every run's held-out synthetic curve, with PID and the teacher as lines, into benchmark/<plot>.png"""
 
 
-def heldout_synthetic(n: int, seed: int) -> Path:
-    folder = te.cache_dir() / "synthetic" / f"heldout-n{n}-seed{seed}"
-    if len(list(folder.glob("*.csv"))) != n:
-        te.synthesize_segments(n, seed=seed, out_dir=folder)
-    return folder
-
-
 def controller_costs(model: te.TinyPhysicsModel, segments: te.Segments, name: str) -> np.ndarray:
     sim = te.TinyPhysicsSim(model)
     return te.score_in_batches(segments, 1024, lambda s: te.rollout_controllers(sim, s, te.BUILTIN_CONTROLLERS[name])
@@ -110,7 +103,7 @@ def plot_curves(finished: dict[str, list[dict]], baselines: dict, out: Path) -> 
 
 def main(args: Args) -> None:
     model_path, real_path = te.resolve_model_path(args.sim_model_path), te.resolve_data_path(args.eval_data_path)
-    synthetic_path = heldout_synthetic(args.heldout_synthetic, args.heldout_seed)
+    synthetic_path = te.cached_synthetic(args.heldout_synthetic, args.heldout_seed, "heldout-")
     model = te.TinyPhysicsModel(model_path)
     sets = {"synthetic": te.load_segments(synthetic_path), "real": te.load_segments(real_path)}
     per_segment = {name: {k: controller_costs(model, segs, name) for k, segs in sets.items()}

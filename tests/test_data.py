@@ -123,6 +123,33 @@ def test_synthetic_segments_are_reproducible(tmp_path):
     assert (tmp_path / "a" / "00001.csv").read_bytes() == (tmp_path / "b" / "00001.csv").read_bytes()
 
 
+def test_cached_synthetic_folder_is_whole_whenever_it_is_visible(monkeypatch, tmp_path):
+    """Two runs side by side used to write the same cache folder in place, and one read the other's
+    half-written CSVs. Now the folder, whenever it exists, holds all n segments; runs racing to make it
+    both get it, and nothing is left behind."""
+    monkeypatch.setenv("TINYPHYSICS_CACHE", str(tmp_path))
+    n, folder = 40, tmp_path / "synthetic" / "n40-seed3"
+    seen, results = [], []
+    makers = [threading.Thread(target=lambda: results.append(te.cached_synthetic(n, 3))) for _ in range(2)]
+    for m in makers:
+        m.start()
+    while any(m.is_alive() for m in makers):
+        if folder.exists():
+            seen.append(len(list(folder.glob("*.csv"))))
+    for m in makers:
+        m.join()
+    assert results == [folder, folder] and len(te.load_segments(folder, progress=False)) == n
+    assert set(seen) <= {n}
+    assert sorted(p.name for p in folder.parent.iterdir()) == ["n40-seed3"]
+    expected = tmp_path / "direct"
+    te.synthesize_segments(n, 3, expected)
+    assert (folder / "00039.csv").read_bytes() == (expected / "00039.csv").read_bytes()
+    # a partial folder (an interrupted older write) is replaced, not trusted
+    for f in sorted(folder.glob("*.csv"))[1:]:
+        f.unlink()
+    assert te.cached_synthetic(n, 3) == folder and len(list(folder.glob("*.csv"))) == n
+
+
 # --- Finding the assets -------------------------------------------------------------------------
 def test_flag_and_variable_precedence(monkeypatch, model_path, tmp_path):
     monkeypatch.setenv("TINYPHYSICS_MODEL", str(model_path))
