@@ -327,16 +327,19 @@ def weights_fingerprint(agent: nn.Module) -> str:
 
 def load_splits(args: Args) -> tuple[te.Segments, te.Segments]:
     """(training, held-out evaluation) segments as the arguments ask."""
+    def load(path):
+        return te.load_segments(path, progress=args.progress)
+
     if args.synthetic_train:
-        train = te.load_segments(te.cached_synthetic(args.synthetic_train, args.seed))
-        held_out = te.load_segments(te.resolve_data_path(args.eval_data_path or args.data_path))
+        train = load(te.cached_synthetic(args.synthetic_train, args.seed))
+        held_out = load(te.resolve_data_path(args.eval_data_path or args.data_path))
         if not args.eval_data_path:
             held_out = held_out.first(te.NUM_EVAL_SEGMENTS)
     elif args.eval_data_path:
-        train = te.load_segments(te.resolve_data_path(args.data_path))
-        held_out = te.load_segments(te.resolve_data_path(args.eval_data_path))
+        train = load(te.resolve_data_path(args.data_path))
+        held_out = load(te.resolve_data_path(args.eval_data_path))
     else:
-        everything = te.load_segments(te.resolve_data_path(args.data_path))
+        everything = load(te.resolve_data_path(args.data_path))
         train_idx, eval_idx = te.split_segments(len(everything))
         train, held_out = everything.subset(train_idx), everything.subset(eval_idx)
     return train, held_out.first(args.eval_segments)

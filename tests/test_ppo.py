@@ -190,6 +190,14 @@ def test_bad_arguments_are_refused_before_any_work(tmp_path, model_path, real_da
     assert not (tmp_path / "runs").exists()
 
 
+def test_no_progress_silences_the_segment_reader(real_data, capsys):
+    """--no-progress reaches the CSV reader too (its bar shows from 200 files), so a run's stderr holds
+    only what went wrong: the recipes benchmark once reported a failed run as a progress bar."""
+    train, held_out = pl.load_splits(pl.Args(synthetic_train=200, eval_data_path=str(real_data), progress=False))
+    assert len(train) == 200 and len(held_out) == 10
+    assert "reading segments" not in capsys.readouterr().err
+
+
 def test_missing_model_is_a_one_line_error(tmp_path, real_data):
     result = _cli(tmp_path, "--sim-model-path", "/nope.onnx", "--data-path", str(real_data))
     assert result.returncode == 2 and result.stderr.strip() == (
