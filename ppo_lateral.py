@@ -151,6 +151,10 @@ class Args:
     segment_baseline: bool = True
     """centre the advantages over the K rollouts of each segment at each step (needs --samples-per-segment 2
     or more): the segment's difficulty cancels out"""
+    value_baseline: bool = True
+    """subtract the critic's V(s_t) from the return to make the advantage (off: the advantage is the return
+    itself, and with --segment-baseline the mean over the segment's K rollouts is the only baseline, so a
+    critic that explains little adds no noise of its own; it still bootstraps the rollout's end)"""
     segment_norm: bool = True
     """divide each segment's advantages by their own standard deviation in the rollout, so every segment
     weighs alike whatever its difficulty (measured with --noise-correlation 0.9, seed 1: 53.47 against 53.82
@@ -824,6 +828,8 @@ def advantages_and_returns(agent: Agent, buf: dict, next_obs: torch.Tensor, next
         next_value = agent.get_value(next_obs).reshape(1, -1)[0]
         advantages, returns = compute_gae(buf["rewards"], buf["values"], buf["dones"], next_value, next_done,
                                           args.gamma, args.gae_lambda)
+    if not args.value_baseline:
+        advantages = returns.clone()
     if args.segment_baseline or args.segment_norm:
         advantages = segment_advantages(advantages, args.samples_per_segment, args.segment_baseline,
                                         args.segment_norm_power if args.segment_norm else 0.0,
@@ -909,7 +915,8 @@ def write_eval(writer: SummaryWriter, costs: dict, global_step: int) -> float:
 
 # Flags added after checkpoints were first written, with the value that reproduces how a run without them trained.
 FLAGS_BEFORE_THEY_EXISTED = {"noise_correlation": 0.0, "segment_norm_power": 1.0,
-                             "noise_logprob": "conditioned", "segment_norm_floor": 0.0}
+                             "noise_logprob": "conditioned", "segment_norm_floor": 0.0,
+                             "value_baseline": True}
 
 
 def saved_args(checkpoint: dict, **overrides) -> Args:

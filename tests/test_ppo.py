@@ -327,6 +327,26 @@ def test_segment_baseline_by_hand():
                                                  [-2 / floor, 2 / floor, -10 / sd_b, 10 / sd_b]], rtol=1e-6)
 
 
+def test_advantages_without_the_value_baseline_by_hand():
+    """2 steps, 1 segment x K=2, gamma 0.5, lambda 1, the episode ending after the last step (nothing
+    bootstrapped). With the critic's baseline the advantage is the return minus V(s_t), then centred over
+    the pair; without it, the return alone, centred: V no longer enters."""
+    buf = {"rewards": torch.tensor([[1.0, 3.0], [2.0, 0.0]]), "values": torch.tensor([[5.0, -5.0], [1.0, 2.0]]),
+           "dones": torch.zeros(2, 2)}
+    agent = pl.Agent(te.OBS_DIM, 8, "residual", 0.25)
+    next_obs, next_done = torch.zeros(2, te.OBS_DIM), torch.ones(2)
+    returns = np.array([[1.0 + 0.5 * 2.0, 3.0 + 0.5 * 0.0], [2.0, 0.0]])
+    args = dict(samples_per_segment=2, segment_norm=False, gamma=0.5, gae_lambda=1.0)
+    with_v, target = pl.advantages_and_returns(agent, buf, next_obs, next_done, pl.Args(**args))
+    without_v, same_target = pl.advantages_and_returns(agent, buf, next_obs, next_done,
+                                                       pl.Args(**args, value_baseline=False))
+    np.testing.assert_allclose(target.numpy(), returns)
+    np.testing.assert_allclose(same_target.numpy(), returns)  # the critic's target does not change
+    minus_v = returns - buf["values"].numpy()  # [[-3, 8], [1, -2]]
+    np.testing.assert_allclose(with_v.numpy(), minus_v - minus_v.mean(axis=1, keepdims=True))
+    np.testing.assert_allclose(without_v.numpy(), [[-0.5, 0.5], [1.0, -1.0]])
+
+
 def test_reward_normalizer_tracks_the_discounted_return():
     norm = pl.RewardNormalizer(3, gamma=0.5)
     rng = np.random.default_rng(0)
