@@ -151,10 +151,12 @@ class Args:
     segment_baseline: bool = True
     """centre the advantages over the K rollouts of each segment at each step (needs --samples-per-segment 2
     or more): the segment's difficulty cancels out"""
-    value_baseline: bool = True
-    """subtract the critic's V(s_t) from the return to make the advantage (off: the advantage is the return
-    itself, and with --segment-baseline the mean over the segment's K rollouts is the only baseline, so a
-    critic that explains little adds no noise of its own; it still bootstraps the rollout's end)"""
+    value_baseline: bool = False
+    """subtract the critic's V(s_t) from the return to make the advantage. Off, the advantage is the return
+    itself and the mean over the segment's K rollouts (--segment-baseline) is the only baseline: the critic,
+    whose explained variance runs -5 to -28 over a run, only bootstraps the rollout's end and adds no noise of
+    its own (measured, 1M steps, 200 held-out synthetic segments, 3 seeds: off 51.22, median 41.48, against on
+    51.44, median 41.64)"""
     segment_norm: bool = True
     """divide each segment's advantages by their own standard deviation in the rollout, so every segment
     weighs alike whatever its difficulty (measured with --noise-correlation 0.9, seed 1: 53.47 against 53.82
@@ -253,11 +255,14 @@ def validate(args: Args, world: int = 1) -> None:
          "of each process"),
         (args.samples_per_segment > 1 or not (args.segment_baseline or args.common_noise),
          f"--samples-per-segment {args.samples_per_segment} leaves no rollouts to compare: add "
-         f"--no-segment-baseline --no-common-noise{' --no-antithetic-noise' if args.antithetic_noise else ''}, "
-         "or use K >= 2"),
+         f"--no-segment-baseline --value-baseline --no-common-noise"
+         f"{' --no-antithetic-noise' if args.antithetic_noise else ''}, or use K >= 2"),
         (args.samples_per_segment % 2 == 0 or not args.antithetic_noise,
          f"--antithetic-noise pairs the K rollouts of a segment: --samples-per-segment {args.samples_per_segment} "
          "must be even (or add --no-antithetic-noise)"),
+        (args.segment_baseline or args.value_baseline,
+         "--no-segment-baseline with --no-value-baseline leaves the advantage without a baseline; add "
+         "--value-baseline"),
         (0 <= args.noise_correlation < 1, f"--noise-correlation {args.noise_correlation}: must be in [0, 1)"),
         (0 < args.segment_norm_power <= 1, f"--segment-norm-power {args.segment_norm_power}: must be in (0, 1] "
                                            "(turn the normalisation off with --no-segment-norm)"),

@@ -176,7 +176,9 @@ def _cli(tmp_path, *flags, **kwargs):
     (["--sim-backend", "onnx", "--sim-precision", "bf16"], "apply to --sim-backend torch only"),
     (["--samples-per-segment", "3"], "--samples-per-segment 3 must divide the 4 environments"),
     (["--samples-per-segment", "1"],
-     "leaves no rollouts to compare: add --no-segment-baseline --no-common-noise --no-antithetic-noise, or use K >= 2"),
+     "leaves no rollouts to compare: add --no-segment-baseline --value-baseline --no-common-noise "
+     "--no-antithetic-noise, or use K >= 2"),
+    (["--no-segment-baseline"], "leaves the advantage without a baseline; add --value-baseline"),
     (["--residual-scale", "0"], "--residual-scale 0.0: must be positive"),
     (["--samples-per-segment", "1", "--no-segment-baseline", "--no-common-noise", "--antithetic-noise"],
      "must be even"),
@@ -337,7 +339,8 @@ def test_advantages_without_the_value_baseline_by_hand():
     next_obs, next_done = torch.zeros(2, te.OBS_DIM), torch.ones(2)
     returns = np.array([[1.0 + 0.5 * 2.0, 3.0 + 0.5 * 0.0], [2.0, 0.0]])
     args = dict(samples_per_segment=2, segment_norm=False, gamma=0.5, gae_lambda=1.0)
-    with_v, target = pl.advantages_and_returns(agent, buf, next_obs, next_done, pl.Args(**args))
+    with_v, target = pl.advantages_and_returns(agent, buf, next_obs, next_done,
+                                               pl.Args(**args, value_baseline=True))
     without_v, same_target = pl.advantages_and_returns(agent, buf, next_obs, next_done,
                                                        pl.Args(**args, value_baseline=False))
     np.testing.assert_allclose(target.numpy(), returns)
