@@ -137,10 +137,10 @@ class Args:
     gamma: float = 0.9
     """discount factor (measured at 1M steps: 0.9 beat 0.95 and 0.99; a step's steer matters for about a second)"""
     gae_lambda: float = 1.0
-    """GAE lambda. 1: the advantage is the discounted return minus V(s_t), so the critic (which explains
-    little here: its explained variance has a median of -0.6 to -2.7 over a run) biases it only at the
-    rollout's end, and the per-segment centring removes V's level (measured, 1M steps, 200 held-out synthetic
-    segments, 3 seeds: 1.0 51.44, median 41.64, against 0.95 51.80, median 42.05)"""
+    """GAE lambda. 1: the advantage is the discounted return (minus V(s_t) with --value-baseline), so the
+    critic, which explains little here, biases it only through the bootstrap at the rollout's end (measured
+    with --value-baseline, 1M steps, 200 held-out synthetic segments, 3 seeds: 1.0 51.44, median 41.64,
+    against 0.95 51.80, median 42.05)"""
     num_minibatches: int = 4
     """minibatches per update epoch (under torchrun each process splits its share the same way, and a global
     minibatch is the union of theirs)"""
@@ -154,9 +154,9 @@ class Args:
     value_baseline: bool = False
     """subtract the critic's V(s_t) from the return to make the advantage. Off, the advantage is the return
     itself and the mean over the segment's K rollouts (--segment-baseline) is the only baseline: the critic,
-    whose explained variance runs -5 to -28 over a run, only bootstraps the rollout's end and adds no noise of
-    its own (measured, 1M steps, 200 held-out synthetic segments, 3 seeds: off 51.22, median 41.48, against on
-    51.44, median 41.64)"""
+    whose explained variance has a median of -1 to -6 over a run, only bootstraps the rollout's end and adds
+    no noise of its own (measured, 1M steps, 200 held-out synthetic segments, 3 seeds: off 51.22, median
+    41.47, against on 51.44, median 41.64)"""
     segment_norm: bool = True
     """divide each segment's advantages by their own standard deviation in the rollout, so every segment
     weighs alike whatever its difficulty (measured with --noise-correlation 0.9, seed 1: 53.47 against 53.82
