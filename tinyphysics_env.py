@@ -474,17 +474,21 @@ def cached_synthetic(n: int, seed: int, kind: str = "") -> Path:
     private folder and renamed into place whole, so that two runs started side by side never read the
     other's half-written files (the loser of the rename discards its copy: both are the same)."""
     folder = cache_dir() / "synthetic" / f"{kind}n{n}-seed{seed}"
-    if len(list(folder.glob("*.csv"))) == n:
+
+    def whole() -> bool:
+        return len(list(folder.glob("*.csv"))) == n
+
+    if whole():
         return folder
     folder.parent.mkdir(parents=True, exist_ok=True)
     private = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
     try:
         synthesize_segments(n, seed, private)
-        if folder.exists() and len(list(folder.glob("*.csv"))) != n:  # left by an interrupted older write
+        if folder.exists() and not whole():  # left by an interrupted older write
             shutil.rmtree(folder, ignore_errors=True)
         private.rename(folder)
     except OSError:
-        if len(list(folder.glob("*.csv"))) != n:  # not another run's finished copy: a real failure
+        if not whole():  # not another run's finished copy: a real failure
             raise
     finally:
         shutil.rmtree(private, ignore_errors=True)
