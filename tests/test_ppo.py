@@ -375,12 +375,20 @@ def test_resume_is_exact_with_the_new_options(tiny):
     options = dict(action_mode="residual", samples_per_segment=2, common_noise=True, segment_baseline=True,
                    segment_norm=True, norm_reward=True, lr_schedule="cosine", critic_hidden=24, policy_dist="tanh",
                    antithetic_noise=True, noise_correlation=0.5, segment_norm_power=0.5,
-                   noise_logprob="joint")
+                   noise_logprob="joint", learn_logstd=False)
     full = pl.train(tiny(total_timesteps=640, checkpoint_every=240, eval_every=10**9, **options))
     resumed = pl.train(dataclasses.replace(tiny(), resume=str(full / "checkpoints" / "checkpoint_240.pt")))
     _same_stats(_stats(full), _stats(resumed))
     for k, v in _weights(full / "final_model.pt").items():
         assert torch.equal(v, _weights(resumed / "final_model.pt")[k]), k
+
+
+def test_fixed_logstd_stays_at_its_initial_value(default_run, tiny):
+    init = pl.Args.init_logstd
+    assert _weights(default_run / "final_model.pt")["actor_logstd"].item() != pytest.approx(init, abs=1e-6)
+    fixed = pl.train(tiny(learn_logstd=False, exp_name="fixed"))
+    assert _weights(fixed / "final_model.pt")["actor_logstd"].item() == pytest.approx(init, abs=1e-7)
+    assert _weights(fixed / "final_model.pt")["actor_mean.4.weight"].abs().max() > 0  # the mean still learns
 
 
 def test_tanh_policy_log_probability_is_the_squashed_density():
