@@ -95,9 +95,11 @@ class Args:
     num_envs / N of them, so the batch per update (num_envs * num_steps) is global"""
     num_steps: int = 100
     """steps per environment per rollout (an episode is 400 steps)"""
-    samples_per_segment: int = 8
+    samples_per_segment: int = 4
     """K: run each training segment K times side by side in one batch (num_envs / K segments at a time), so
-    that --segment-baseline can compare the K rollouts of one segment"""
+    that --segment-baseline can compare the K rollouts of one segment (measured, 1M steps, 200 held-out
+    synthetic segments, 3 seeds: 4 51.09, median 41.26, against 8 51.22, median 41.47: twice the segments
+    per batch for a baseline of 4 rollouts instead of 8)"""
     common_noise: bool = True
     """give the K rollouts of a segment the same simulator noise (common random numbers): they then differ
     only by the policy's own exploration"""
