@@ -221,7 +221,9 @@ class Args:
     jerk the noise adds dominating the gradient, and PPO then gains nothing; -4 gains)"""
     learn_logstd: bool = True
     """train the policy's log standard deviation with the rest; off, it stays at --init-logstd, so exploration
-    keeps its size however long the run (learned, it shrinks: over 4M steps by 30%)"""
+    keeps its size however long the run (measured, 4M steps, 200 held-out synthetic segments, seed 1: held
+    51.62, best 50.85 at 750k, against learned 51.66, best 51.12 at 1.25M, its std 28% smaller at the end;
+    both turn up after 1.5M)"""
     bc_segments: int = 256
     """warm start on this many training segments (0: none): the critic is fitted to the teacher's returns and,
     outside residual mode, the actor clones the teacher's steer"""
