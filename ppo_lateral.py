@@ -153,6 +153,9 @@ class Args:
     segment_baseline: bool = True
     """centre the advantages over the K rollouts of each segment at each step (needs --samples-per-segment 2
     or more): the segment's difficulty cancels out"""
+    pair_baseline: bool = False
+    """centre each advantage on its antithetic pair's mean instead of the mean over the segment's K rollouts:
+    the pair's mean is even in the exploration noise, so it carries no gradient signal, only variance"""
     value_baseline: bool = False
     """subtract the critic's V(s_t) from the return to make the advantage. Off, the advantage is the return
     itself and the mean over the segment's K rollouts (--segment-baseline) is the only baseline: the critic,
@@ -181,6 +184,9 @@ class Args:
     """clip the value loss as in the PPO paper's implementation"""
     ent_coef: float = 0.0
     """entropy bonus coefficient"""
+    smooth_coef: float = 0.0
+    """weight of a penalty on the deterministic policy's squared steer change between consecutive steps (in
+    steer units), a low-noise gradient against the jerk that noisy updates add to the policy's mean"""
     vf_coef: float = 0.5
     """value loss coefficient"""
     max_grad_norm: float = 0.5
@@ -270,6 +276,10 @@ def validate(args: Args, world: int = 1) -> None:
         (args.segment_baseline or args.value_baseline,
          "--no-segment-baseline with --no-value-baseline leaves the advantage without a baseline; add "
          "--value-baseline"),
+        (not args.pair_baseline or (args.antithetic_noise and args.segment_baseline),
+         "--pair-baseline centres each rollout on its antithetic pair: it needs --antithetic-noise and "
+         "--segment-baseline"),
+        (args.smooth_coef >= 0, f"--smooth-coef {args.smooth_coef}: cannot be negative"),
         (0 <= args.noise_correlation < 1, f"--noise-correlation {args.noise_correlation}: must be in [0, 1)"),
         (0 < args.segment_norm_power <= 1, f"--segment-norm-power {args.segment_norm_power}: must be in (0, 1] "
                                            "(turn the normalisation off with --no-segment-norm)"),
@@ -651,7 +661,7 @@ def compute_gae(rewards: torch.Tensor, values: torch.Tensor, dones: torch.Tensor
 
 
 def segment_advantages(advantages: torch.Tensor, samples_per_segment: int, center: bool,
-                       norm_power: float, norm_floor: float = 0.0) -> torch.Tensor:
+                       norm_power: float, norm_floor: float = 0.0, center_group: int = 0) -> torch.Tensor:
     """Advantages [num_steps, num_envs] with a per-segment baseline: environments k*K .. k*K+K-1 run
     the same segment in lockstep (see TinyPhysicsVectorEnv), so `center` subtracts, at every step, the
     mean over those K copies, and a `norm_power` p > 0 divides each group by its own standard deviation
@@ -661,7 +671,9 @@ def segment_advantages(advantages: torch.Tensor, samples_per_segment: int, cente
     num_steps, num_envs = advantages.shape
     groups = advantages.reshape(num_steps, num_envs // samples_per_segment, samples_per_segment)
     if center:
-        groups = groups - groups.mean(dim=2, keepdim=True)
+        size = center_group or samples_per_segment
+        sub = groups.reshape(num_steps, -1, size)
+        groups = (sub - sub.mean(dim=2, keepdim=True)).reshape(groups.shape)
     if norm_power and num_steps * samples_per_segment > 1:
         spread = groups.std(dim=(0, 2), keepdim=True)
         if norm_floor:
@@ -703,11 +715,20 @@ def joint_noise_offsets(agent: Agent, noise_offsets, prev_obs, prev_actions, car
     return torch.where(carried, live, noise_offsets)
 
 
+def steer_change_penalty(agent: Agent, obs, prev_obs, carried) -> torch.Tensor:
+    """Mean squared change of the deterministic policy's steer from the previous step to this one, over the
+    steps whose previous step is in the same rollout and episode (the teacher's part carries no gradient)."""
+    steer = agent.to_steer(obs, agent.actor_mean(agent.normalize(obs)))
+    prev_steer = agent.to_steer(prev_obs, agent.actor_mean(agent.normalize(prev_obs)))
+    weight = carried[:, 0].float()
+    return ((steer - prev_steer) ** 2 * weight).sum() / weight.sum().clamp(min=1.0)
+
+
 def ppo_loss(agent: Agent, obs, actions, noise_offsets, logprobs, advantages, returns, values, clip_coef: float,
              norm_adv: bool, clip_vloss: bool, ent_coef: float, vf_coef: float, previous: tuple | None = None,
-             noise_correlation: float = 0.0):
-    """previous: (prev_obs, prev_actions, carried) for --noise-logprob joint."""
-    if previous is not None:
+             noise_correlation: float = 0.0, joint: bool = True, smooth_coef: float = 0.0):
+    """previous: (prev_obs, prev_actions, carried), for --noise-logprob joint and --smooth-coef."""
+    if joint and previous is not None:
         noise_offsets = joint_noise_offsets(agent, noise_offsets, *previous, noise_correlation)
     _, newlogprob, entropy, newvalue = agent.get_action_and_value(obs, actions, noise_offsets)
     logratio = newlogprob - logprobs
@@ -727,6 +748,8 @@ def ppo_loss(agent: Agent, obs, actions, noise_offsets, logprobs, advantages, re
         v_loss = 0.5 * ((newvalue - returns) ** 2).mean()
     entropy_loss = entropy.mean()
     loss = pg_loss - ent_coef * entropy_loss + v_loss * vf_coef
+    if smooth_coef:
+        loss = loss + smooth_coef * steer_change_penalty(agent, obs, previous[0], previous[2])
     return loss, pg_loss, v_loss, entropy_loss, old_approx_kl, approx_kl, clipfrac
 
 
@@ -845,7 +868,7 @@ def advantages_and_returns(agent: Agent, buf: dict, next_obs: torch.Tensor, next
     if args.segment_baseline or args.segment_norm:
         advantages = segment_advantages(advantages, args.samples_per_segment, args.segment_baseline,
                                         args.segment_norm_power if args.segment_norm else 0.0,
-                                        args.segment_norm_floor)
+                                        args.segment_norm_floor, 2 if args.pair_baseline else 0)
     return advantages, returns
 
 
@@ -869,7 +892,7 @@ def ppo_update(agent: Agent, optimizer: torch.optim.Optimizer, loss_fn: Callable
     b_logprobs, b_advantages = buf["logprobs"].reshape(-1), advantages.reshape(-1)
     b_returns, b_values = returns.reshape(-1), buf["values"].reshape(-1)
     joint = args.noise_logprob == "joint" and args.noise_correlation > 0
-    b_previous = [x.reshape(len(b_obs), -1) for x in previous_steps(buf)] if joint else None
+    b_previous = [x.reshape(len(b_obs), -1) for x in previous_steps(buf)] if joint or args.smooth_coef else None
     batch = len(b_obs)
     minibatch_size = batch // args.num_minibatches
     b_inds = np.arange(batch)
@@ -882,7 +905,8 @@ def ppo_update(agent: Agent, optimizer: torch.optim.Optimizer, loss_fn: Callable
                 loss, pg_loss, v_loss, entropy_loss, old_approx_kl, approx_kl, clipfrac = loss_fn(
                     agent, b_obs[mb], b_actions[mb], b_offsets[mb], b_logprobs[mb], b_advantages[mb],
                     b_returns[mb], b_values[mb], args.clip_coef, args.norm_adv, args.clip_vloss, args.ent_coef,
-                    args.vf_coef, [x[mb] for x in b_previous] if joint else None, args.noise_correlation)
+                    args.vf_coef, [x[mb] for x in b_previous] if b_previous else None, args.noise_correlation,
+                    joint, args.smooth_coef)
             clipfracs.append(clipfrac.item())
             optimizer.zero_grad()
             loss.backward()
@@ -928,7 +952,7 @@ def write_eval(writer: SummaryWriter, costs: dict, global_step: int) -> float:
 # Flags added after checkpoints were first written, with the value that reproduces how a run without them trained.
 FLAGS_BEFORE_THEY_EXISTED = {"noise_correlation": 0.0, "segment_norm_power": 1.0,
                              "noise_logprob": "conditioned", "segment_norm_floor": 0.0,
-                             "value_baseline": True}
+                             "value_baseline": True, "pair_baseline": False, "smooth_coef": 0.0}
 
 
 def saved_args(checkpoint: dict, **overrides) -> Args:

@@ -329,6 +329,37 @@ def test_segment_baseline_by_hand():
                                                  [-2 / floor, 2 / floor, -10 / sd_b, 10 / sd_b]], rtol=1e-6)
 
 
+def test_pair_baseline_by_hand():
+    """1 step, 1 segment x K=4, antithetic pairs (0, 1) and (2, 3): centring on the pair subtracts each
+    pair's own mean (an even function of the noise), not the mean over all four rollouts."""
+    advantages = torch.tensor([[1.0, 3.0, 10.0, 30.0]])
+    np.testing.assert_allclose(pl.segment_advantages(advantages, 4, center=True, norm_power=0.0).numpy(),
+                               [[-10.0, -8.0, -1.0, 19.0]])
+    paired = pl.segment_advantages(advantages, 4, center=True, norm_power=0.0, center_group=2)
+    np.testing.assert_allclose(paired.numpy(), [[-1.0, 1.0, -10.0, 10.0]])
+    normalised = pl.segment_advantages(advantages, 4, center=True, norm_power=1.0, center_group=2)
+    np.testing.assert_allclose(normalised.numpy(), paired.numpy() / np.std([-1, 1, -10, 10], ddof=1), rtol=1e-6)
+
+
+def test_steer_change_penalty_by_hand():
+    """The mean squared change of the deterministic steer (teacher plus residual) from each step's previous
+    step, over the steps whose previous step carried over; its gradient reaches only the actor."""
+    torch.manual_seed(0)
+    agent = pl.Agent(te.OBS_DIM, 8, "residual", 0.25)
+    torch.nn.init.normal_(agent.actor_mean[-1].weight, std=0.5)
+    obs, prev_obs = torch.randn((3, te.OBS_DIM)), torch.randn((3, te.OBS_DIM))
+    carried = torch.tensor([[True], [False], [True]])
+    with torch.no_grad():
+        steer = agent.to_steer(obs, agent.actor_mean(agent.normalize(obs)))
+        prev = agent.to_steer(prev_obs, agent.actor_mean(agent.normalize(prev_obs)))
+    expected = ((steer[0] - prev[0]) ** 2 + (steer[2] - prev[2]) ** 2) / 2
+    penalty = pl.steer_change_penalty(agent, obs, prev_obs, carried)
+    np.testing.assert_allclose(penalty.item(), expected.item(), rtol=1e-6)
+    penalty.backward()
+    assert agent.actor_mean[-1].weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in agent.critic.parameters())
+
+
 def test_advantages_without_the_value_baseline_by_hand():
     """2 steps, 1 segment x K=2, gamma 0.5, lambda 1, the episode ending after the last step (nothing
     bootstrapped). With the critic's baseline the advantage is the return minus V(s_t), then centred over
@@ -375,7 +406,7 @@ def test_resume_is_exact_with_the_new_options(tiny):
     options = dict(action_mode="residual", samples_per_segment=2, common_noise=True, segment_baseline=True,
                    segment_norm=True, norm_reward=True, lr_schedule="cosine", critic_hidden=24, policy_dist="tanh",
                    antithetic_noise=True, noise_correlation=0.5, segment_norm_power=0.5,
-                   noise_logprob="joint", learn_logstd=False)
+                   noise_logprob="joint", learn_logstd=False, pair_baseline=True, smooth_coef=10.0)
     full = pl.train(tiny(total_timesteps=640, checkpoint_every=240, eval_every=10**9, **options))
     resumed = pl.train(dataclasses.replace(tiny(), resume=str(full / "checkpoints" / "checkpoint_240.pt")))
     _same_stats(_stats(full), _stats(resumed))
@@ -521,6 +552,17 @@ def test_segment_norm_power_outside_0_1_is_refused(power):
 def test_segment_norm_floor_outside_0_1_is_refused(floor):
     with pytest.raises(te.TinyPhysicsError, match=rf"--segment-norm-floor {floor}: must be in \[0, 1\)"):
         pl.validate(pl.Args(segment_norm_floor=floor))
+
+
+@pytest.mark.parametrize("flags, message", [
+    (dict(pair_baseline=True, antithetic_noise=False), "--pair-baseline centres each rollout on its antithetic pair"),
+    (dict(pair_baseline=True, segment_baseline=False, value_baseline=True), "needs --antithetic-noise and "
+                                                                             "--segment-baseline"),
+    (dict(smooth_coef=-1.0), "--smooth-coef -1.0: cannot be negative"),
+])
+def test_pair_baseline_and_smooth_coef_misuse_is_refused(flags, message):
+    with pytest.raises(te.TinyPhysicsError, match=message):
+        pl.validate(pl.Args(**flags))
 
 
 def test_expected_dynamics_training_runs(tiny):
