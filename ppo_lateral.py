@@ -230,6 +230,9 @@ class Args:
     keeps its size however long the run (measured, 4M steps, 200 held-out synthetic segments, seed 1: held
     51.62, best 50.85 at 750k, against learned 51.66, best 51.12 at 1.25M, its std 28% smaller at the end;
     both turn up after 1.5M)"""
+    final_logstd: float | None = None
+    """anneal exploration: the policy's log standard deviation goes linearly from --init-logstd to this over
+    the run instead of being learned (larger noise learns faster early, smaller noise is more precise late)"""
     bc_segments: int = 256
     """warm start on this many training segments (0: none): the critic is fitted to the teacher's returns and,
     outside residual mode, the actor clones the teacher's steer"""
@@ -802,6 +805,12 @@ def learning_rate_at(iteration: int, num_iterations: int, args: Args) -> float:
     return args.learning_rate
 
 
+def logstd_at(iteration: int, num_iterations: int, args: Args) -> float:
+    """The exploration log-std of an iteration (1-based) under --final-logstd: linear from --init-logstd."""
+    progress = (iteration - 1.0) / num_iterations
+    return args.init_logstd + (args.final_logstd - args.init_logstd) * progress
+
+
 def new_rollout_buffers(num_steps: int, num_envs: int, device: torch.device) -> dict[str, torch.Tensor]:
     shapes = {"obs": (te.OBS_DIM,), "actions": (1,), "noise_offsets": (1,), "logprobs": (), "rewards": (),
               "dones": (), "values": ()}
@@ -952,7 +961,8 @@ def write_eval(writer: SummaryWriter, costs: dict, global_step: int) -> float:
 # Flags added after checkpoints were first written, with the value that reproduces how a run without them trained.
 FLAGS_BEFORE_THEY_EXISTED = {"noise_correlation": 0.0, "segment_norm_power": 1.0,
                              "noise_logprob": "conditioned", "segment_norm_floor": 0.0,
-                             "value_baseline": True, "pair_baseline": False, "smooth_coef": 0.0}
+                             "value_baseline": True, "pair_baseline": False, "smooth_coef": 0.0,
+                             "final_logstd": None}
 
 
 def saved_args(checkpoint: dict, **overrides) -> Args:
@@ -1036,7 +1046,7 @@ def train(args: Args, on_iteration: Callable[[dict], None] | None = None) -> Pat
     agent = Agent(te.OBS_DIM, args.hidden, args.action_mode, args.max_delta, args.init_logstd,
                   critic_hidden=args.critic_hidden, teacher=args.teacher, residual_scale=args.residual_scale,
                   policy_dist=args.policy_dist).to(device)
-    agent.actor_logstd.requires_grad_(args.learn_logstd)
+    agent.actor_logstd.requires_grad_(args.learn_logstd and args.final_logstd is None)
     optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5)
     batch_size = args.num_envs * args.num_steps  # global: all processes together
     num_iterations = args.total_timesteps // batch_size
@@ -1107,6 +1117,8 @@ def train(args: Args, on_iteration: Callable[[dict], None] | None = None) -> Pat
         for iteration in range(start_iteration, num_iterations + 1):
             iteration_start = time.perf_counter()
             optimizer.param_groups[0]["lr"] = learning_rate_at(iteration, num_iterations, args)
+            if args.final_logstd is not None:
+                agent.actor_logstd.data.fill_(logstd_at(iteration, num_iterations, args))
 
             # Rollout (batch-64 policy steps run faster on one thread than on two beside the torch simulator)
             update_threads = torch.get_num_threads()

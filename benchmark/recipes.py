@@ -28,6 +28,9 @@ import ppo_lateral as pl
 import tinyphysics_env as te
 
 ROOT = Path(__file__).resolve().parent.parent
+# Arguments that place a run rather than change its recipe: left out of an adopted run's flags.
+PLUMBING = {"seed", "synthetic_train", "eval_data_path", "eval_segments", "sim_model_path", "eval_every", "exp_name",
+            "runs_dir", "progress"}
 
 
 @dataclass
@@ -55,6 +58,9 @@ class Args:
     replot: tuple[str, ...] = ()
     """train nothing: read the runs of these JSON-lines files (as --results writes them), print their tables and
     draw --plot"""
+    adopt: tuple[str, ...] = ()
+    """train nothing: score these finished runs, each "name=run_dir" (a ppo_lateral.py run on the same
+    held-out segments), record them in --results and print their tables"""
     plot: str | None = None
     """also draw every run's held-out synthetic curve, with PID and the teacher as lines, into benchmark/<plot>.png"""
 
@@ -101,6 +107,27 @@ def plot_curves(finished: dict[str, list[dict]], baselines: dict, out: Path) -> 
     fig.savefig(out, dpi=100, bbox_inches="tight")
 
 
+def make_record(name: str, run_dir: Path, wall: float, model, sets: dict, teacher: dict) -> dict:
+    """A finished run's JSON-lines record: its flags and seed as it saved them, its curve, and its final
+    policy scored official-exactly on every set."""
+    agent, checkpoint = pl.load_agent(run_dir / "final_model.pt")
+    final = {k: pl.evaluate(agent, model, segs)["total_cost"] for k, segs in sets.items()}
+    with np.load(run_dir / "training_stats.npz") as stats:
+        evaluated = np.isfinite(stats["eval_total_cost"])
+        curve = np.stack([stats["global_step"][evaluated], stats["eval_total_cost"][evaluated]])
+    changed = {k: v for k, v in checkpoint["args"].items() if getattr(pl.Args, k, v) != v and k not in PLUMBING}
+    return {"variant": name, "flags": " ".join(f"--{k.replace('_', '-')} {v}" for k, v in changed.items()),
+            "seed": checkpoint["args"]["seed"], "run_dir": str(run_dir), "wall_s": wall, "curve": curve.tolist(),
+            **{k: summary(v) for k, v in final.items()}, "per_segment_synthetic": final["synthetic"].tolist(),
+            "teacher": teacher}
+
+
+def wall_time(run_dir: Path) -> float:
+    """Seconds from a run's start (its TensorBoard file is named for it) to its final model."""
+    started = min(int(p.name.split(".")[3]) for p in run_dir.glob("events.out.tfevents.*"))
+    return (run_dir / "final_model.pt").stat().st_mtime - started
+
+
 def main(args: Args) -> None:
     model_path, real_path = te.resolve_model_path(args.sim_model_path), te.resolve_data_path(args.eval_data_path)
     synthetic_path = te.cached_synthetic(args.heldout_synthetic, args.heldout_seed, "heldout-")
@@ -121,7 +148,17 @@ def main(args: Args) -> None:
             record = json.loads(line)
             finished.setdefault(record["variant"], []).append(record)
             print(run_row(record, teacher))
-    for spec in args.variant if not args.replot else ():
+
+    def keep(record: dict) -> None:
+        with open(args.results, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        finished.setdefault(record["variant"], []).append(record)
+        print(run_row(record, teacher), flush=True)
+
+    for spec in args.adopt:
+        name, _, run_dir = spec.partition("=")
+        keep(make_record(name, Path(run_dir), wall_time(Path(run_dir)), model, sets, teacher))
+    for spec in args.variant if not (args.replot or args.adopt) else ():
         name, _, flags = spec.partition("=")
         for seed in args.seeds:
             command = [sys.executable, str(ROOT / "ppo_lateral.py"), "--seed", str(seed), "--num-envs", "64",
@@ -135,19 +172,7 @@ def main(args: Args) -> None:
             if done.returncode:
                 print(f"| {name} | {seed} | failed: {done.stderr.strip().splitlines()[-1]} |", flush=True)
                 continue
-            run_dir = Path(done.stdout.strip().splitlines()[-1])
-            agent, _ = pl.load_agent(run_dir / "final_model.pt")
-            final = {k: pl.evaluate(agent, model, segs)["total_cost"] for k, segs in sets.items()}
-            with np.load(run_dir / "training_stats.npz") as stats:
-                evaluated = np.isfinite(stats["eval_total_cost"])
-                curve = np.stack([stats["global_step"][evaluated], stats["eval_total_cost"][evaluated]])
-            record = {"variant": name, "flags": flags, "seed": seed, "run_dir": str(run_dir), "wall_s": wall,
-                      "curve": curve.tolist(), **{k: summary(v) for k, v in final.items()},
-                      "per_segment_synthetic": final["synthetic"].tolist(), "teacher": teacher}
-            with open(args.results, "a") as f:
-                f.write(json.dumps(record) + "\n")
-            finished.setdefault(name, []).append(record)
-            print(run_row(record, teacher), flush=True)
+            keep(make_record(name, Path(done.stdout.strip().splitlines()[-1]), wall, model, sets, teacher))
     if args.plot:
         plot_curves(finished, baselines, ROOT / "benchmark" / f"{args.plot}.png")
     print("\n| variant | seeds | synthetic mean | vs pid_ff | synthetic median | vs pid_ff | segments better than "

@@ -406,7 +406,8 @@ def test_resume_is_exact_with_the_new_options(tiny):
     options = dict(action_mode="residual", samples_per_segment=2, common_noise=True, segment_baseline=True,
                    segment_norm=True, norm_reward=True, lr_schedule="cosine", critic_hidden=24, policy_dist="tanh",
                    antithetic_noise=True, noise_correlation=0.5, segment_norm_power=0.5,
-                   noise_logprob="joint", learn_logstd=False, pair_baseline=True, smooth_coef=10.0)
+                   noise_logprob="joint", learn_logstd=False, pair_baseline=True, smooth_coef=10.0,
+                   final_logstd=-4.5)
     full = pl.train(tiny(total_timesteps=640, checkpoint_every=240, eval_every=10**9, **options))
     resumed = pl.train(dataclasses.replace(tiny(), resume=str(full / "checkpoints" / "checkpoint_240.pt")))
     _same_stats(_stats(full), _stats(resumed))
@@ -420,6 +421,18 @@ def test_fixed_logstd_stays_at_its_initial_value(default_run, tiny):
     fixed = pl.train(tiny(learn_logstd=False, exp_name="fixed"))
     assert _weights(fixed / "final_model.pt")["actor_logstd"].item() == pytest.approx(init, abs=1e-7)
     assert _weights(fixed / "final_model.pt")["actor_mean.4.weight"].abs().max() > 0  # the mean still learns
+
+
+def test_annealed_logstd_follows_its_schedule(tiny):
+    """--final-logstd: the log-std is set, not learned, linearly from --init-logstd at the first iteration
+    towards the final value; the run's last iteration leaves it at that iteration's value."""
+    args = tiny(init_logstd=-3.0, final_logstd=-5.0, exp_name="annealed")
+    assert pl.logstd_at(1, 4, args) == -3.0
+    assert pl.logstd_at(3, 4, args) == pytest.approx(-4.0)
+    run = pl.train(args)
+    iterations = args.total_timesteps // (args.num_envs * args.num_steps)
+    assert _weights(run / "final_model.pt")["actor_logstd"].item() == pytest.approx(
+        pl.logstd_at(iterations, iterations, args), abs=1e-6)
 
 
 def test_tanh_policy_log_probability_is_the_squashed_density():
