@@ -154,8 +154,11 @@ class Args:
     """centre the advantages over the K rollouts of each segment at each step (needs --samples-per-segment 2
     or more): the segment's difficulty cancels out"""
     pair_baseline: bool = False
-    """centre each advantage on its antithetic pair's mean instead of the mean over the segment's K rollouts:
-    the pair's mean is even in the exploration noise, so it carries no gradient signal, only variance"""
+    """centre each advantage on its antithetic pair's mean instead of the mean over the segment's K rollouts
+    (the pair's mean is even in the exploration noise, so it carries no gradient signal; but a term common to
+    both members meets their opposite scores and mostly cancels anyway). Measured, 1M steps, 200 held-out
+    synthetic segments, seed 1: 51.01 against 51.01, ahead early (52.71, 51.42 at 250k, 500k against 52.88,
+    51.52); with K=2 (32 segments per rollout) 51.43"""
     value_baseline: bool = False
     """subtract the critic's V(s_t) from the return to make the advantage. Off, the advantage is the return
     itself and the mean over the segment's K rollouts (--segment-baseline) is the only baseline: the critic,
@@ -186,7 +189,9 @@ class Args:
     """entropy bonus coefficient"""
     smooth_coef: float = 0.0
     """weight of a penalty on the deterministic policy's squared steer change between consecutive steps (in
-    steer units), a low-noise gradient against the jerk that noisy updates add to the policy's mean"""
+    steer units), a low-noise gradient against the jerk that noisy updates add to the policy's mean (measured,
+    200 held-out synthetic segments, seed 1: 100 51.69 at 500k against 51.52, 1000 57.48 at 250k: it slows
+    the learning more than it smooths)"""
     vf_coef: float = 0.5
     """value loss coefficient"""
     max_grad_norm: float = 0.5
@@ -232,7 +237,9 @@ class Args:
     both turn up after 1.5M)"""
     final_logstd: float | None = None
     """anneal exploration: the policy's log standard deviation goes linearly from --init-logstd to this over
-    the run instead of being learned (larger noise learns faster early, smaller noise is more precise late)"""
+    the run instead of being learned (measured, 1M steps, 200 held-out synthetic segments, seed 1: -3.5 to
+    -4.0 reaches 52.40, 51.29 at 250k, 500k against the defaults' 52.88, 51.52, then ends at 51.32 against
+    51.01: faster early, worse at the end, as a fixed -3.5 was)"""
     bc_segments: int = 256
     """warm start on this many training segments (0: none): the critic is fitted to the teacher's returns and,
     outside residual mode, the actor clones the teacher's steer"""
@@ -670,7 +677,8 @@ def segment_advantages(advantages: torch.Tensor, samples_per_segment: int, cente
     mean over those K copies, and a `norm_power` p > 0 divides each group by its own standard deviation
     over the rollout to the power p (p = 1: each segment then weighs alike, whatever its difficulty; p
     between 0 and 1 keeps some of the hard segments' weight). A `norm_floor` q > 0 raises every standard
-    deviation below the q-quantile of the groups' to that quantile before dividing."""
+    deviation below the q-quantile of the groups' to that quantile before dividing. A `center_group` of 2
+    centres on each antithetic pair (environments 2j, 2j+1) instead of on all K copies."""
     num_steps, num_envs = advantages.shape
     groups = advantages.reshape(num_steps, num_envs // samples_per_segment, samples_per_segment)
     if center:
