@@ -32,6 +32,7 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 import tyro  # noqa: E402
 from torch.distributions.normal import Normal  # noqa: E402
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn  # noqa: E402
 from torch.utils.tensorboard import SummaryWriter  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
@@ -204,6 +205,13 @@ class Args:
     """pay each step's expected cost over the simulator's sampling instead of the sampled one (same
     objective, less noise)"""
 
+    ema_decay: float = 0.0
+    """Polyak averaging: the policy that is evaluated and saved (best, final and checkpoint models, so also the
+    exported one) is an exponential moving average of the weights after each iteration's update, with this
+    decay (about 1 / (1 - decay) iterations averaged), while the rollouts keep the live weights; a minibatch's
+    gradient is mostly noise, and the average cancels part of the random walk it drives. TensorBoard then
+    also logs the live weights' score as eval/live_total_cost. 0: off"""
+
     # Control design
     action_mode: Literal["residual", "delta", "absolute"] = "residual"
     """residual: steer = the --teacher's steer (computed from the observation) + --residual-scale x the
@@ -271,6 +279,7 @@ def validate(args: Args, world: int = 1) -> None:
         (args.eval_every >= 1 and args.checkpoint_every >= 1, "--eval-every and --checkpoint-every must be positive"),
         (args.max_delta > 0, f"--max-delta {args.max_delta}: must be positive"),
         (args.residual_scale > 0, f"--residual-scale {args.residual_scale}: must be positive"),
+        (0.0 <= args.ema_decay < 1.0, f"--ema-decay {args.ema_decay}: must be in [0, 1) (0: off)"),
         (args.hidden >= 1 and args.critic_hidden >= 0, f"--hidden {args.hidden}, --critic-hidden "
                                                        f"{args.critic_hidden}: need at least 1 (critic: 0 or more)"),
         (args.samples_per_segment >= 1 and (args.num_envs // world) % args.samples_per_segment == 0,
@@ -970,7 +979,7 @@ def write_eval(writer: SummaryWriter, costs: dict, global_step: int) -> float:
 FLAGS_BEFORE_THEY_EXISTED = {"noise_correlation": 0.0, "segment_norm_power": 1.0,
                              "noise_logprob": "conditioned", "segment_norm_floor": 0.0,
                              "value_baseline": True, "pair_baseline": False, "smooth_coef": 0.0,
-                             "final_logstd": None}
+                             "final_logstd": None, "ema_decay": 0.0}
 
 
 def saved_args(checkpoint: dict, **overrides) -> Args:
@@ -1062,7 +1071,7 @@ def train(args: Args, on_iteration: Callable[[dict], None] | None = None) -> Pat
     best_eval, global_step, start_iteration = float("inf"), 0, 1
 
     if checkpoint:
-        agent.load_state_dict(checkpoint["agent"])
+        agent.load_state_dict(checkpoint.get("live_agent") or checkpoint["agent"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         stats, best_eval = checkpoint["stats"], checkpoint["best_eval"]
         global_step, start_iteration = checkpoint["global_step"], checkpoint["iteration"] + 1
@@ -1100,6 +1109,12 @@ def train(args: Args, on_iteration: Callable[[dict], None] | None = None) -> Pat
             save_checkpoint(policy_checkpoint(agent, args=dataclasses.asdict(args), global_step=0,
                                               eval_total_cost=best_eval), run_dir / "best_model.pt")
 
+    # What is evaluated and saved: the live weights, or their running average (--ema-decay)
+    ema = AveragedModel(agent, multi_avg_fn=get_ema_multi_avg_fn(args.ema_decay)) if args.ema_decay else None
+    if ema and checkpoint:
+        ema.load_state_dict(checkpoint["ema"])
+    policy = ema.module if ema else agent
+
     policy_step = torch.compile(agent.get_action_and_value) if args.compile else agent.get_action_and_value
     loss_fn = torch.compile(ppo_loss) if args.compile else ppo_loss
     buf = new_rollout_buffers(args.num_steps, num_envs, device)
@@ -1116,8 +1131,9 @@ def train(args: Args, on_iteration: Callable[[dict], None] | None = None) -> Pat
             "reward_norm": reward_norm.state_dict() if reward_norm else None}, world)
         if lead:
             per_rank = {"ranks": states, "world_size": world} if world > 1 else {}
+            averaged = {"live_agent": agent.state_dict(), "ema": ema.state_dict()} if ema else {}
             save_checkpoint(policy_checkpoint(
-                agent, optimizer=optimizer.state_dict(), args=dataclasses.asdict(args), run_name=run_name,
+                policy, optimizer=optimizer.state_dict(), **averaged, args=dataclasses.asdict(args), run_name=run_name,
                 global_step=global_step, iteration=iteration, stats=stats, best_eval=best_eval, **states[0],
                 train_segments=bc_pool.names, **per_rank), path)
 
@@ -1140,6 +1156,8 @@ def train(args: Args, on_iteration: Callable[[dict], None] | None = None) -> Pat
             # GAE (and the per-segment baseline), then the clipped update
             advantages, returns = advantages_and_returns(agent, buf, next_obs, next_done, args)
             row = ppo_update(agent, optimizer, loss_fn, buf, advantages, returns, args, world, autocast)
+            if ema:
+                ema.update_parameters(agent)
 
             # Logging: means over processes (every process is equal in size), written by rank 0
             row.update(episodic_means(episode_costs))
@@ -1153,10 +1171,13 @@ def train(args: Args, on_iteration: Callable[[dict], None] | None = None) -> Pat
 
             # Evaluation and checkpoints
             if lead and (crossed(global_step, batch_size, args.eval_every) or iteration == num_iterations):
-                row["eval_total_cost"] = write_eval(writer, evaluate(agent, eval_model, eval_segments), global_step)
+                row["eval_total_cost"] = write_eval(writer, evaluate(policy, eval_model, eval_segments), global_step)
+                if ema:  # the live weights' score beside the average's
+                    live = evaluate(agent, eval_model, eval_segments)["total_cost"].mean()
+                    writer.add_scalar("eval/live_total_cost", float(live), global_step)
                 if row["eval_total_cost"] < best_eval:
                     best_eval = row["eval_total_cost"]
-                    save_checkpoint(policy_checkpoint(agent, args=dataclasses.asdict(args), global_step=global_step,
+                    save_checkpoint(policy_checkpoint(policy, args=dataclasses.asdict(args), global_step=global_step,
                                                       eval_total_cost=best_eval), run_dir / "best_model.pt")
                 bar.set_postfix(eval_cost=f"{row['eval_total_cost']:.2f}", sps=f"{row['sps']:.0f}")
             if lead:
@@ -1181,7 +1202,7 @@ def train(args: Args, on_iteration: Callable[[dict], None] | None = None) -> Pat
         if len(set(fingerprints)) > 1:
             raise RuntimeError(f"the {world} replicas diverged: weight fingerprints {fingerprints}")
         if lead:
-            save_checkpoint(policy_checkpoint(agent, args=dataclasses.asdict(args), global_step=global_step,
+            save_checkpoint(policy_checkpoint(policy, args=dataclasses.asdict(args), global_step=global_step,
                                               eval_total_cost=stats["eval_total_cost"][-1],
                                               replica_fingerprints=fingerprints), run_dir / "final_model.pt")
     finally:

@@ -407,7 +407,7 @@ def test_resume_is_exact_with_the_new_options(tiny):
                    segment_norm=True, norm_reward=True, lr_schedule="cosine", critic_hidden=24, policy_dist="tanh",
                    antithetic_noise=True, noise_correlation=0.5, segment_norm_power=0.5,
                    noise_logprob="joint", learn_logstd=False, pair_baseline=True, smooth_coef=10.0,
-                   final_logstd=-4.5)
+                   final_logstd=-4.5, ema_decay=0.5)
     full = pl.train(tiny(total_timesteps=640, checkpoint_every=240, eval_every=10**9, **options))
     resumed = pl.train(dataclasses.replace(tiny(), resume=str(full / "checkpoints" / "checkpoint_240.pt")))
     _same_stats(_stats(full), _stats(resumed))
@@ -433,6 +433,28 @@ def test_annealed_logstd_follows_its_schedule(tiny):
     iterations = args.total_timesteps // (args.num_envs * args.num_steps)
     assert _weights(run / "final_model.pt")["actor_logstd"].item() == pytest.approx(
         pl.logstd_at(iterations, iterations, args), abs=1e-6)
+
+
+def test_ema_policy_is_the_running_average_of_the_live_weights(tiny):
+    """--ema-decay d: the saved policy is the live weights after the first update, then d * itself + (1 - d) *
+    the live weights after each later one; checkpoints keep the live weights, from which a run resumes, and
+    the best model is the average that scored best."""
+    run = pl.train(tiny(ema_decay=0.6, checkpoint_every=80, eval_every=80, exp_name="ema"))
+    checkpoints = [torch.load(run / "checkpoints" / f"checkpoint_{step}.pt", weights_only=False)
+                   for step in (80, 160, 240, 320)]
+    average = {k: v.clone() for k, v in checkpoints[0]["live_agent"].items()}
+    for checkpoint in checkpoints[1:]:
+        for k, live in checkpoint["live_agent"].items():  # buffers (the normalizer) are constant
+            average[k] = 0.6 * average[k] + 0.4 * live
+    final = _weights(run / "final_model.pt")
+    assert not torch.equal(final["actor_mean.4.weight"], checkpoints[-1]["live_agent"]["actor_mean.4.weight"])
+    for k, v in average.items():
+        torch.testing.assert_close(final[k], v, rtol=1e-5, atol=1e-7)
+        assert torch.equal(final[k], checkpoints[-1]["agent"][k]), k  # a checkpoint's model is the average too
+    stats = _stats(run)
+    evaluated = stats["eval_total_cost"][np.isfinite(stats["eval_total_cost"])]
+    assert torch.load(run / "best_model.pt", weights_only=False)["eval_total_cost"] == evaluated.min()
+    assert EventAccumulator(str(run)).Reload().Scalars("eval/live_total_cost")[-1].step == 320
 
 
 def test_tanh_policy_log_probability_is_the_squashed_density():
@@ -572,8 +594,10 @@ def test_segment_norm_floor_outside_0_1_is_refused(floor):
     (dict(pair_baseline=True, segment_baseline=False, value_baseline=True), "needs --antithetic-noise and "
                                                                              "--segment-baseline"),
     (dict(smooth_coef=-1.0), "--smooth-coef -1.0: cannot be negative"),
+    (dict(ema_decay=1.0), r"--ema-decay 1.0: must be in \[0, 1\)"),
+    (dict(ema_decay=-0.1), r"--ema-decay -0.1: must be in \[0, 1\)"),
 ])
-def test_pair_baseline_and_smooth_coef_misuse_is_refused(flags, message):
+def test_misused_flags_are_refused(flags, message):
     with pytest.raises(te.TinyPhysicsError, match=message):
         pl.validate(pl.Args(**flags))
 
