@@ -201,6 +201,10 @@ class Args:
     """stop the epochs of an update early when approx_kl exceeds this"""
     reward_scale: float = 0.1
     """rewards (minus the official per-step cost) are multiplied by this"""
+    jerk_weight: float = 1.0
+    """multiply the jerk term of the training reward by this (the official total weighs it 1 against 50 for the
+    lateral acceleration): past 1M steps the evaluated jerk creeps up while the tracking stops improving, so a
+    price above 1 tests whether training drifts towards more jerk than the official objective wants"""
     expected_reward: bool = False
     """pay each step's expected cost over the simulator's sampling instead of the sampled one (same
     objective, less noise)"""
@@ -279,6 +283,7 @@ def validate(args: Args, world: int = 1) -> None:
         (args.eval_every >= 1 and args.checkpoint_every >= 1, "--eval-every and --checkpoint-every must be positive"),
         (args.max_delta > 0, f"--max-delta {args.max_delta}: must be positive"),
         (args.residual_scale > 0, f"--residual-scale {args.residual_scale}: must be positive"),
+        (args.jerk_weight >= 0, f"--jerk-weight {args.jerk_weight}: cannot be negative"),
         (0.0 <= args.ema_decay < 1.0, f"--ema-decay {args.ema_decay}: must be in [0, 1) (0: off)"),
         (args.hidden >= 1 and args.critic_hidden >= 0, f"--hidden {args.hidden}, --critic-hidden "
                                                        f"{args.critic_hidden}: need at least 1 (critic: 0 or more)"),
@@ -979,7 +984,8 @@ def write_eval(writer: SummaryWriter, costs: dict, global_step: int) -> float:
 FLAGS_BEFORE_THEY_EXISTED = {"noise_correlation": 0.0, "segment_norm_power": 1.0,
                              "noise_logprob": "conditioned", "segment_norm_floor": 0.0,
                              "value_baseline": True, "pair_baseline": False, "smooth_coef": 0.0,
-                             "final_logstd": None, "ema_decay": 0.0}
+                             "final_logstd": None, "ema_decay": 0.0,
+                             "jerk_weight": 1.0}
 
 
 def saved_args(checkpoint: dict, **overrides) -> Args:
@@ -1037,7 +1043,8 @@ def train(args: Args, on_iteration: Callable[[dict], None] | None = None) -> Pat
         model_path, args.sim_backend, device.type, threads, "fp32", args.compile)
     envs = te.TinyPhysicsVectorEnv(num_envs, segments=train_segments, model=model, autoreset_mode="same_step",
                                    expected_reward=args.expected_reward, samples_per_segment=args.samples_per_segment,
-                                   common_noise=args.common_noise, dynamics=args.sim_dynamics)
+                                   common_noise=args.common_noise, dynamics=args.sim_dynamics,
+                                   jerk_weight=args.jerk_weight)
     reward_norm = RewardNormalizer(num_envs, args.gamma) if args.norm_reward else None
 
     random.seed(args.seed)

@@ -898,7 +898,8 @@ class TinyPhysicsSim:
     """
 
     def __init__(self, model: SimModel, official_rng: bool = True, seed: int | None = None,
-                 expected_reward: bool = False, dynamics: str = "sampled", noise_group: int = 1):
+                 expected_reward: bool = False, dynamics: str = "sampled", noise_group: int = 1,
+                 jerk_weight: float = 1.0):
         if dynamics not in SIM_DYNAMICS:
             raise TinyPhysicsError(f"--sim-dynamics {dynamics}: use one of {', '.join(SIM_DYNAMICS)}")
         if official_rng and (dynamics != "sampled" or noise_group != 1):
@@ -908,6 +909,7 @@ class TinyPhysicsSim:
         self.official_rng = official_rng
         self.seed(seed)
         self.expected_reward = expected_reward
+        self.jerk_weight = jerk_weight
         self.dynamics = dynamics
         self.noise_group = noise_group
         self.needs_probs = expected_reward or dynamics == "expected"  # the step's moments come from its probs
@@ -979,8 +981,10 @@ class TinyPhysicsSim:
 
         With `expected_reward`, minus its expectation over the step's sampled prediction instead:
         (target - m)^2 + var and ((m - current_{t-1})^2 + var) / dt^2 for the prediction's mean m and
-        variance var. Same expected return, without the sampling noise of the step itself."""
-        lat_weight, jerk_weight = LAT_ACCEL_COST_MULTIPLIER * 100.0 / COST_STEPS, 100.0 / (COST_STEPS - 1)
+        variance var. Same expected return, without the sampling noise of the step itself. A `jerk_weight`
+        other than 1 multiplies the jerk term (a training objective, not the official one)."""
+        lat_weight = LAT_ACCEL_COST_MULTIPLIER * 100.0 / COST_STEPS
+        jerk_weight = self.jerk_weight * 100.0 / (COST_STEPS - 1)
         if self.expected_reward:
             mean, var = self.pred_mean[:, t], self.pred_var[:, t]
             reward = -lat_weight * ((self.target[:, t] - mean) ** 2 + var)
@@ -1340,6 +1344,7 @@ class TinyPhysicsVectorEnv(gym.vector.VectorEnv):
     [...]}) picks them explicitly (as evaluation does). expected_reward=True pays each step's
     expected cost over the simulator's sampling instead of the sampled one (see
     `TinyPhysicsSim.step_reward`): the same objective with less noise; info costs stay the real ones.
+    jerk_weight multiplies the reward's jerk term (training-only; info costs stay the official ones).
 
     samples_per_segment=K runs each drawn segment in K consecutive sub-environments (num_envs / K
     segments at a time), so that their K returns can serve as each other's baseline; common_noise
@@ -1351,7 +1356,7 @@ class TinyPhysicsVectorEnv(gym.vector.VectorEnv):
                  segments: Segments | None = None, official_rng: bool = False, threads: int = 0,
                  autoreset_mode: str | gym.vector.AutoresetMode = "next_step", model: SimModel | None = None,
                  expected_reward: bool = False, samples_per_segment: int = 1, common_noise: bool = False,
-                 dynamics: str = "sampled"):
+                 dynamics: str = "sampled", jerk_weight: float = 1.0):
         if num_envs < 1:
             raise TinyPhysicsError(f"num_envs={num_envs}: need at least one environment")
         if samples_per_segment < 1 or num_envs % samples_per_segment:
@@ -1361,7 +1366,8 @@ class TinyPhysicsVectorEnv(gym.vector.VectorEnv):
         self.model = model or TinyPhysicsModel(resolve_model_path(model_path), threads=threads)
         self.pool = segments if segments is not None else load_segments(resolve_data_path(data_path))
         self.sim = TinyPhysicsSim(self.model, official_rng=official_rng, expected_reward=expected_reward,
-                                  dynamics=dynamics, noise_group=samples_per_segment if common_noise else 1)
+                                  dynamics=dynamics, noise_group=samples_per_segment if common_noise else 1,
+                                  jerk_weight=jerk_weight)
         if isinstance(autoreset_mode, str):
             autoreset_mode = gym.vector.AutoresetMode[autoreset_mode.upper()]
         if autoreset_mode == gym.vector.AutoresetMode.DISABLED:

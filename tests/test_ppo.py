@@ -407,7 +407,7 @@ def test_resume_is_exact_with_the_new_options(tiny):
                    segment_norm=True, norm_reward=True, lr_schedule="cosine", critic_hidden=24, policy_dist="tanh",
                    antithetic_noise=True, noise_correlation=0.5, segment_norm_power=0.5,
                    noise_logprob="joint", learn_logstd=False, pair_baseline=True, smooth_coef=10.0,
-                   final_logstd=-4.5, ema_decay=0.5)
+                   final_logstd=-4.5, ema_decay=0.5, jerk_weight=1.5)
     full = pl.train(tiny(total_timesteps=640, checkpoint_every=240, eval_every=10**9, **options))
     resumed = pl.train(dataclasses.replace(tiny(), resume=str(full / "checkpoints" / "checkpoint_240.pt")))
     _same_stats(_stats(full), _stats(resumed))
@@ -594,6 +594,7 @@ def test_segment_norm_floor_outside_0_1_is_refused(floor):
     (dict(pair_baseline=True, segment_baseline=False, value_baseline=True), "needs --antithetic-noise and "
                                                                              "--segment-baseline"),
     (dict(smooth_coef=-1.0), "--smooth-coef -1.0: cannot be negative"),
+    (dict(jerk_weight=-1.0), "--jerk-weight -1.0: cannot be negative"),
     (dict(ema_decay=1.0), r"--ema-decay 1.0: must be in \[0, 1\)"),
     (dict(ema_decay=-0.1), r"--ema-decay -0.1: must be in \[0, 1\)"),
 ])

@@ -217,3 +217,24 @@ def test_training_only_modes_refuse_official_scoring(model):
             te.TinyPhysicsSim(model, official_rng=True, **kwargs)
     with pytest.raises(te.TinyPhysicsError, match="--sim-dynamics mean: use one of sampled, expected"):
         te.TinyPhysicsSim(model, official_rng=False, dynamics="mean")
+
+
+@pytest.mark.parametrize("expected_reward", [False, True])
+def test_jerk_weight_scales_only_the_rewards_jerk_term(model, real_segments, expected_reward):
+    """Same draws and steers: the reward at step 100 has no jerk term and is the same for every weight; later
+    it is the weight-0 reward plus the weight times the jerk term; the official costs do not change."""
+    sims = {w: te.TinyPhysicsSim(model, official_rng=False, seed=0, expected_reward=expected_reward, jerk_weight=w)
+            for w in (0.0, 1.0, 3.0)}
+    rewards = {w: [] for w in sims}
+    for w, sim in sims.items():
+        sim.reset(real_segments)
+        sim.warm_up()
+        for t in range(100, 140):
+            sim.step(np.full(len(real_segments), 0.05 * np.sin(t)))
+            rewards[w].append(sim.step_reward(t))
+    r0, r1, r3 = (np.array(rewards[w]) for w in (0.0, 1.0, 3.0))
+    np.testing.assert_array_equal(r0[0], r3[0])
+    jerk = r1[1:] - r0[1:]
+    assert (jerk <= 0).all() and (jerk < 0).mean() > 0.5  # zero where the lateral acceleration held still
+    np.testing.assert_allclose(r3[1:], r0[1:] + 3.0 * jerk, rtol=1e-12, atol=1e-12)
+    np.testing.assert_array_equal(sims[3.0].current, sims[1.0].current)
