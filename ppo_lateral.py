@@ -216,7 +216,6 @@ class Args:
     """pay each step's expected cost over the simulator's sampling instead of the sampled one (same
     objective, less noise; measured on the defaults, 1M steps, seed 1: 51.03 against 51.01, ahead early, 52.57
     and 51.39 at 250k and 500k against 52.88 and 51.52)"""
-
     ema_decay: float = 0.0
     """Polyak averaging: the policy that is evaluated and saved (best, final and checkpoint models, so also the
     exported one) is an exponential moving average of the weights after each iteration's update, with this
