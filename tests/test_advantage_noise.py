@@ -1,7 +1,6 @@
 """benchmark/advantage_noise.py: the split of returns into parts odd and even in the exploration noise."""
 
 import importlib.util
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +11,6 @@ BENCHMARK = Path(__file__).resolve().parent.parent / "benchmark"
 
 @pytest.fixture(scope="module")
 def advantage_noise():
-    sys.path.insert(0, str(BENCHMARK))
     spec = importlib.util.spec_from_file_location("advantage_noise", BENCHMARK / "advantage_noise.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
