@@ -202,6 +202,11 @@ class Args:
     """value loss coefficient"""
     max_grad_norm: float = 0.5
     """gradient norm clip"""
+    adam_beta1: float = 0.9
+    """Adam's first-moment decay. Where a coordinate's gradient is mostly noise, Adam's step there is a fixed
+    fraction of the learning rate whatever the noise's size (about sqrt((1 - b1) / (1 + b1)): 0.23 at 0.9,
+    0.07 at 0.99), so the weights random-walk at a pace a larger batch does not slow; a longer average
+    shrinks the noise's steps and keeps the signal's"""
     target_kl: float | None = None
     """stop the epochs of an update early when approx_kl exceeds this"""
     reward_scale: float = 0.1
@@ -295,6 +300,7 @@ def validate(args: Args, world: int = 1) -> None:
         (args.residual_scale > 0, f"--residual-scale {args.residual_scale}: must be positive"),
         (args.jerk_weight >= 0, f"--jerk-weight {args.jerk_weight}: cannot be negative"),
         (0.0 <= args.ema_decay < 1.0, f"--ema-decay {args.ema_decay}: must be in [0, 1) (0: off)"),
+        (0.0 <= args.adam_beta1 < 1.0, f"--adam-beta1 {args.adam_beta1}: must be in [0, 1)"),
         (args.hidden >= 1 and args.critic_hidden >= 0, f"--hidden {args.hidden}, --critic-hidden "
                                                        f"{args.critic_hidden}: need at least 1 (critic: 0 or more)"),
         (args.samples_per_segment >= 1 and (args.num_envs // world) % args.samples_per_segment == 0,
@@ -995,7 +1001,7 @@ FLAGS_BEFORE_THEY_EXISTED = {"noise_correlation": 0.0, "segment_norm_power": 1.0
                              "noise_logprob": "conditioned", "segment_norm_floor": 0.0,
                              "value_baseline": True, "pair_baseline": False, "smooth_coef": 0.0,
                              "final_logstd": None, "ema_decay": 0.0,
-                             "jerk_weight": 1.0}
+                             "jerk_weight": 1.0, "adam_beta1": 0.9}
 
 
 def saved_args(checkpoint: dict, **overrides) -> Args:
@@ -1081,7 +1087,7 @@ def train(args: Args, on_iteration: Callable[[dict], None] | None = None) -> Pat
                   critic_hidden=args.critic_hidden, teacher=args.teacher, residual_scale=args.residual_scale,
                   policy_dist=args.policy_dist).to(device)
     agent.actor_logstd.requires_grad_(args.learn_logstd and args.final_logstd is None)
-    optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5)
+    optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, betas=(args.adam_beta1, 0.999), eps=1e-5)
     batch_size = args.num_envs * args.num_steps  # global: all processes together
     num_iterations = args.total_timesteps // batch_size
     stats = {k: [] for k in STAT_KEYS}

@@ -407,8 +407,10 @@ def test_resume_is_exact_with_the_new_options(tiny):
                    segment_norm=True, norm_reward=True, lr_schedule="cosine", critic_hidden=24, policy_dist="tanh",
                    antithetic_noise=True, noise_correlation=0.5, segment_norm_power=0.5,
                    noise_logprob="joint", learn_logstd=False, pair_baseline=True, smooth_coef=10.0,
-                   final_logstd=-4.5, ema_decay=0.5, jerk_weight=1.5)
+                   final_logstd=-4.5, ema_decay=0.5, jerk_weight=1.5, adam_beta1=0.95)
     full = pl.train(tiny(total_timesteps=640, checkpoint_every=240, eval_every=10**9, **options))
+    checkpoint = torch.load(full / "checkpoints" / "checkpoint_240.pt", weights_only=False)
+    assert checkpoint["optimizer"]["param_groups"][0]["betas"] == (0.95, 0.999)
     resumed = pl.train(dataclasses.replace(tiny(), resume=str(full / "checkpoints" / "checkpoint_240.pt")))
     _same_stats(_stats(full), _stats(resumed))
     for k, v in _weights(full / "final_model.pt").items():
@@ -597,6 +599,7 @@ def test_segment_norm_floor_outside_0_1_is_refused(floor):
     (dict(jerk_weight=-1.0), "--jerk-weight -1.0: cannot be negative"),
     (dict(ema_decay=1.0), r"--ema-decay 1.0: must be in \[0, 1\)"),
     (dict(ema_decay=-0.1), r"--ema-decay -0.1: must be in \[0, 1\)"),
+    (dict(adam_beta1=1.0), r"--adam-beta1 1.0: must be in \[0, 1\)"),
 ])
 def test_misused_flags_are_refused(flags, message):
     with pytest.raises(te.TinyPhysicsError, match=message):
