@@ -1,5 +1,6 @@
 """Shared fixtures: the challenge assets (../shared/tinyphysics, or $TINYPHYSICS_ASSETS) and synthetic segments."""
 
+import importlib.util
 import os
 from pathlib import Path
 
@@ -26,6 +27,17 @@ def assets() -> Path:
             pytest.fail(message)
         pytest.skip(message)
     return found
+
+
+@pytest.fixture(scope="session")
+def benchmark_script():
+    """Loads a script of benchmark/ (not a package) as a module, by name."""
+    def load(name: str):
+        spec = importlib.util.spec_from_file_location(name, ROOT / "benchmark" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    return load
 
 
 @pytest.fixture(scope="session")

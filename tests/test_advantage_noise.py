@@ -1,20 +1,12 @@
 """benchmark/advantage_noise.py: the split of returns into parts odd and even in the exploration noise."""
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import pytest
 
-BENCHMARK = Path(__file__).resolve().parent.parent / "benchmark"
-
 
 @pytest.fixture(scope="module")
-def advantage_noise():
-    spec = importlib.util.spec_from_file_location("advantage_noise", BENCHMARK / "advantage_noise.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def advantage_noise(benchmark_script):
+    return benchmark_script("advantage_noise")
 
 
 def test_returns_split_into_odd_even_and_between_segment_parts(advantage_noise):

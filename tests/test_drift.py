@@ -1,6 +1,5 @@
 """benchmark/drift.py: re-assembling a run's end from its updates with random signs, and weight averages."""
 
-import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -10,15 +9,10 @@ import torch
 import ppo_lateral as pl
 import tinyphysics_env as te
 
-BENCHMARK = Path(__file__).resolve().parent.parent / "benchmark"
-
 
 @pytest.fixture(scope="module")
-def drift():
-    spec = importlib.util.spec_from_file_location("drift", BENCHMARK / "drift.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def drift(benchmark_script):
+    return benchmark_script("drift")
 
 
 def test_recombine_adds_each_update_with_its_sign(drift):
