@@ -206,7 +206,9 @@ class Args:
     """Adam's first-moment decay. Where a coordinate's gradient is mostly noise, Adam's step there is a fixed
     fraction of the learning rate whatever the noise's size (about sqrt((1 - b1) / (1 + b1)): 0.23 at 0.9,
     0.07 at 0.99), so the weights random-walk at a pace a larger batch does not slow; a longer average
-    shrinks the noise's steps and keeps the signal's"""
+    shrinks the noise's steps and keeps the signal's (measured, 200 held-out synthetic segments, seed 1: 0.99
+    at 1M 52.40, 51.20 at 250k, 500k against 52.88, 51.52, ending level at 51.03, median 40.72 against 41.47;
+    at 4M best 50.93 at 750k, then it turns as 0.9 does, 51.45 at the end against 51.66)"""
     target_kl: float | None = None
     """stop the epochs of an update early when approx_kl exceeds this"""
     reward_scale: float = 0.1
