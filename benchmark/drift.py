@@ -49,17 +49,13 @@ class Args:
 def checkpoint_states(run_dir: Path, start_step: int) -> tuple[list[int], list[State], dict]:
     """Steps and weights (the live weights where the run averaged them) of the run's checkpoints from
     start_step on, in step order, and the agent configuration."""
-    paths = sorted((run_dir / "checkpoints").glob("checkpoint_*.pt"), key=lambda p: int(p.stem.split("_")[1]))
-    paths = [p for p in paths if int(p.stem.split("_")[1]) >= start_step]
-    if len(paths) < 3:
-        raise te.TinyPhysicsError(f"{run_dir}: {len(paths)} checkpoints at or after step {start_step}; need 3 or "
+    found = {int(p.stem.split("_")[1]): p for p in (run_dir / "checkpoints").glob("checkpoint_*.pt")}
+    steps = sorted(step for step in found if step >= start_step)
+    if len(steps) < 3:
+        raise te.TinyPhysicsError(f"{run_dir}: {len(steps)} checkpoints at or after step {start_step}; need 3 or "
                                   "more (lower --start-step, or train with a smaller --checkpoint-every)")
-    states, config = [], None
-    for path in paths:
-        _, checkpoint = pl.load_agent(path)
-        states.append(checkpoint.get("live_agent") or checkpoint["agent"])
-        config = checkpoint["agent_config"]
-    return [int(p.stem.split("_")[1]) for p in paths], states, config
+    checkpoints = [pl.load_agent(found[step])[1] for step in steps]
+    return steps, [c.get("live_agent") or c["agent"] for c in checkpoints], checkpoints[-1]["agent_config"]
 
 
 def recombine(states: list[State], signs: np.ndarray) -> State:
@@ -73,6 +69,9 @@ def average(states: list[State]) -> State:
 
 
 def main(args: Args) -> None:
+    if args.segments < 1 or args.trials < 0:
+        raise te.TinyPhysicsError(f"--segments {args.segments}, --trials {args.trials}: need at least 1 segment "
+                                  "and 0 or more trials")
     steps, states, config = checkpoint_states(Path(args.run_dir), args.start_step)
     segments = te.load_segments(te.resolve_data_path(args.eval_data_path), progress=False)
     segments = segments.subset(np.arange(min(args.segments, len(segments))))

@@ -63,3 +63,8 @@ def test_drift_runs_end_to_end(drift, tmp_path, real_data, model_path, capsys):
     for label, agent in (("start (100)", agents[0]), ("end (300)", agents[2])):
         assert rows[label][0] == pytest.approx(pl.evaluate(agent, model, segments)["total_cost"].mean(), abs=1e-3)
     assert rows["end (300)"][0] != rows["start (100)"][0]
+
+
+def test_no_segments_is_refused_before_any_work(drift, tmp_path):
+    with pytest.raises(te.TinyPhysicsError, match="--segments 0, --trials 4: need at least 1 segment"):
+        drift.main(drift.Args(run_dir=str(tmp_path), segments=0))
