@@ -209,6 +209,12 @@ class Args:
     shrinks the noise's steps and keeps the signal's (measured, 200 held-out synthetic segments, seed 1: 0.99
     at 1M 52.40, 51.20 at 250k, 500k against 52.88, 51.52, ending level at 51.03, median 40.72 against 41.47;
     at 4M best 50.93 at 750k, then it turns as 0.9 does, 51.45 at the end against 51.66)"""
+    anchor_decay: float = 0.0
+    """after every optimizer step, move the actor's weights back towards their step-0 values (the warm start:
+    with --action-mode residual, the teacher) by the learning rate x this of the distance: weight decay around
+    the start instead of around zero. A restoring force against the random walk that minibatch noise drives
+    (see --adam-beta1), which otherwise keeps adding jerk past 1M steps; the gradient's signal outweighs it
+    where the policy truly improves on the start. 0: off"""
     target_kl: float | None = None
     """stop the epochs of an update early when approx_kl exceeds this"""
     reward_scale: float = 0.1
@@ -303,6 +309,9 @@ def validate(args: Args, world: int = 1) -> None:
         (args.jerk_weight >= 0, f"--jerk-weight {args.jerk_weight}: cannot be negative"),
         (0.0 <= args.ema_decay < 1.0, f"--ema-decay {args.ema_decay}: must be in [0, 1) (0: off)"),
         (0.0 <= args.adam_beta1 < 1.0, f"--adam-beta1 {args.adam_beta1}: must be in [0, 1)"),
+        (0.0 <= args.anchor_decay * args.learning_rate <= 1.0,
+         f"--anchor-decay {args.anchor_decay} x --learning-rate {args.learning_rate} must be in [0, 1] (above 1 "
+         "a step would pull the weights past their start)"),
         (args.hidden >= 1 and args.critic_hidden >= 0, f"--hidden {args.hidden}, --critic-hidden "
                                                        f"{args.critic_hidden}: need at least 1 (critic: 0 or more)"),
         (args.samples_per_segment >= 1 and (args.num_envs // world) % args.samples_per_segment == 0,
@@ -931,10 +940,20 @@ def previous_steps(buf: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]
     return prev_obs, prev_actions, carried[..., None]
 
 
+def pull_towards(module: nn.Module, anchor: dict[str, torch.Tensor], rate: float) -> None:
+    """Move each parameter of module the fraction rate of the way to its anchor (decoupled weight decay, as
+    AdamW's, around the anchor instead of zero)."""
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            p.lerp_(anchor[name], rate)
+
+
 def ppo_update(agent: Agent, optimizer: torch.optim.Optimizer, loss_fn: Callable, buf: dict,
-               advantages: torch.Tensor, returns: torch.Tensor, args: Args, world: int, autocast) -> dict:
-    """update_epochs epochs of the clipped objective over shuffled minibatches; returns the last
-    minibatch's losses and the mean clip fraction."""
+               advantages: torch.Tensor, returns: torch.Tensor, args: Args, world: int, autocast,
+               anchor: dict[str, torch.Tensor] | None = None) -> dict:
+    """update_epochs epochs of the clipped objective over shuffled minibatches, each step followed by the
+    --anchor-decay pull of the actor towards anchor; returns the last minibatch's losses and the mean clip
+    fraction."""
     device = advantages.device
     b_obs, b_actions = buf["obs"].reshape(-1, te.OBS_DIM), buf["actions"].reshape(-1, 1)
     b_offsets = buf["noise_offsets"].reshape(-1, 1)
@@ -963,6 +982,8 @@ def ppo_update(agent: Agent, optimizer: torch.optim.Optimizer, loss_fn: Callable
                 average_gradients(agent, world)
             nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
             optimizer.step()
+            if anchor is not None:
+                pull_towards(agent.actor_mean, anchor, optimizer.param_groups[0]["lr"] * args.anchor_decay)
         if args.target_kl is not None and mean_over_processes([approx_kl.item()], world, device)[0] > args.target_kl:
             break
     y_pred, y_true = b_values.cpu().numpy(), b_returns.cpu().numpy()
@@ -1003,7 +1024,7 @@ FLAGS_BEFORE_THEY_EXISTED = {"noise_correlation": 0.0, "segment_norm_power": 1.0
                              "noise_logprob": "conditioned", "segment_norm_floor": 0.0,
                              "value_baseline": True, "pair_baseline": False, "smooth_coef": 0.0,
                              "final_logstd": None, "ema_decay": 0.0,
-                             "jerk_weight": 1.0, "adam_beta1": 0.9}
+                             "jerk_weight": 1.0, "adam_beta1": 0.9, "anchor_decay": 0.0}
 
 
 def saved_args(checkpoint: dict, **overrides) -> Args:
@@ -1134,6 +1155,12 @@ def train(args: Args, on_iteration: Callable[[dict], None] | None = None) -> Pat
             save_checkpoint(policy_checkpoint(agent, args=dataclasses.asdict(args), global_step=0,
                                               eval_total_cost=best_eval), run_dir / "best_model.pt")
 
+    # The --anchor-decay pull's target: the actor as PPO first found it (kept in checkpoints for resuming)
+    anchor = None
+    if args.anchor_decay:
+        anchor = {k: v.to(device) for k, v in checkpoint["anchor"].items()} if checkpoint else {
+            k: v.detach().clone() for k, v in agent.actor_mean.named_parameters()}
+
     # What is evaluated and saved: the live weights, or their running average (--ema-decay)
     ema = AveragedModel(agent, multi_avg_fn=get_ema_multi_avg_fn(args.ema_decay)) if args.ema_decay else None
     if ema and checkpoint:
@@ -1156,9 +1183,10 @@ def train(args: Args, on_iteration: Callable[[dict], None] | None = None) -> Pat
             "reward_norm": reward_norm.state_dict() if reward_norm else None}, world)
         if lead:
             per_rank = {"ranks": states, "world_size": world} if world > 1 else {}
-            averaged = {"live_agent": agent.state_dict(), "ema": ema.state_dict()} if ema else {}
+            kept = {"live_agent": agent.state_dict(), "ema": ema.state_dict()} if ema else {}
+            kept.update({"anchor": {k: v.cpu() for k, v in anchor.items()}} if anchor else {})
             save_checkpoint(policy_checkpoint(
-                policy, optimizer=optimizer.state_dict(), **averaged, args=dataclasses.asdict(args), run_name=run_name,
+                policy, optimizer=optimizer.state_dict(), **kept, args=dataclasses.asdict(args), run_name=run_name,
                 global_step=global_step, iteration=iteration, stats=stats, best_eval=best_eval, **states[0],
                 train_segments=bc_pool.names, **per_rank), path)
 
@@ -1180,7 +1208,7 @@ def train(args: Args, on_iteration: Callable[[dict], None] | None = None) -> Pat
 
             # GAE (and the per-segment baseline), then the clipped update
             advantages, returns = advantages_and_returns(agent, buf, next_obs, next_done, args)
-            row = ppo_update(agent, optimizer, loss_fn, buf, advantages, returns, args, world, autocast)
+            row = ppo_update(agent, optimizer, loss_fn, buf, advantages, returns, args, world, autocast, anchor)
             if ema:
                 ema.update_parameters(agent)
 

@@ -1,5 +1,6 @@
 """ppo_lateral.py: artifacts, GAE, resume, determinism, compile, argument checks, signals."""
 
+import contextlib
 import dataclasses
 import functools
 import os
@@ -407,7 +408,7 @@ def test_resume_is_exact_with_the_new_options(tiny):
                    segment_norm=True, norm_reward=True, lr_schedule="cosine", critic_hidden=24, policy_dist="tanh",
                    antithetic_noise=True, noise_correlation=0.5, segment_norm_power=0.5,
                    noise_logprob="joint", learn_logstd=False, pair_baseline=True, smooth_coef=10.0,
-                   final_logstd=-4.5, ema_decay=0.5, jerk_weight=1.5, adam_beta1=0.95)
+                   final_logstd=-4.5, ema_decay=0.5, jerk_weight=1.5, adam_beta1=0.95, anchor_decay=100.0)
     full = pl.train(tiny(total_timesteps=640, checkpoint_every=240, eval_every=10**9, **options))
     checkpoint = torch.load(full / "checkpoints" / "checkpoint_240.pt", weights_only=False)
     assert checkpoint["optimizer"]["param_groups"][0]["betas"] == (0.95, 0.999)
@@ -457,6 +458,51 @@ def test_ema_policy_is_the_running_average_of_the_live_weights(tiny):
     evaluated = stats["eval_total_cost"][np.isfinite(stats["eval_total_cost"])]
     assert torch.load(run / "best_model.pt", weights_only=False)["eval_total_cost"] == evaluated.min()
     assert EventAccumulator(str(run)).Reload().Scalars("eval/live_total_cost")[-1].step == 320
+
+
+def test_anchor_decay_pulls_the_actor_towards_its_step_0_weights_after_each_step(tiny):
+    """--anchor-decay c: each optimizer step is followed by actor <- actor + lr * c * (anchor - actor), on the
+    actor's weights only. Two updates of one minibatch from the same state, with and without the pull: the
+    pulled weights are the plain step's weights moved that fraction of the way to the anchor."""
+    args = tiny(num_minibatches=1, update_epochs=1, anchor_decay=1000.0, learning_rate=1e-4)
+    torch.manual_seed(0)
+    agent = pl.Agent(te.OBS_DIM, 16, "residual", 0.25)
+    anchor = {k: v.detach().clone() for k, v in agent.actor_mean.named_parameters()}
+    torch.nn.init.normal_(agent.actor_mean[-1].weight, std=0.5)  # the actor has moved off its anchor
+    buf = pl.new_rollout_buffers(8, 4, torch.device("cpu"))
+    buf["obs"], buf["actions"] = torch.randn((8, 4, te.OBS_DIM)), torch.randn((8, 4, 1))
+    advantages, returns = torch.randn((8, 4)), torch.randn((8, 4))
+    after = {}
+    for name, pull in (("plain", None), ("pulled", anchor)):
+        trained = pl.Agent(te.OBS_DIM, 16, "residual", 0.25)
+        trained.load_state_dict(agent.state_dict())
+        optimizer = torch.optim.Adam(trained.parameters(), lr=args.learning_rate, eps=1e-5)
+        np.random.seed(0)  # the same minibatch order, so the same sums
+        pl.ppo_update(trained, optimizer, pl.ppo_loss, buf, advantages, returns, args, 1, contextlib.nullcontext(),
+                      pull)
+        after[name] = {k: v.detach() for k, v in trained.named_parameters()}
+    assert not torch.equal(after["plain"]["actor_mean.4.weight"], agent.actor_mean[-1].weight)  # Adam stepped
+    for k, anchored in anchor.items():
+        expected = after["plain"][f"actor_mean.{k}"] + 0.1 * (anchored - after["plain"][f"actor_mean.{k}"])
+        torch.testing.assert_close(after["pulled"][f"actor_mean.{k}"], expected, rtol=0, atol=1e-7)
+    for k in ("critic.4.weight", "actor_logstd"):
+        assert torch.equal(after["pulled"][k], after["plain"][k]), k
+
+
+def test_full_anchor_decay_holds_the_actor_at_its_step_0_weights(tiny):
+    """lr x --anchor-decay 1: every step returns the actor exactly to its step-0 weights (after the warm start),
+    which checkpoints keep as the anchor, so the scored policy never changes while the critic still learns."""
+    run = pl.train(tiny(learning_rate=0.5, anchor_decay=2.0, lr_schedule="constant", exp_name="anchored"))
+    start = torch.load(run / "best_model.pt", weights_only=False)  # never beaten: the step-0 policy
+    checkpoint = torch.load(run / "checkpoints" / "checkpoint_320.pt", weights_only=False)
+    final = _weights(run / "final_model.pt")
+    assert start["global_step"] == 0  # without the pull the residual's output layer leaves zero (test above)
+    for k, v in checkpoint["anchor"].items():
+        assert torch.equal(v, start["agent"][f"actor_mean.{k}"]), k
+        assert torch.equal(final[f"actor_mean.{k}"], v), k
+    assert not torch.equal(final["critic.4.weight"], start["agent"]["critic.4.weight"])
+    assert np.all(_stats(run)["eval_total_cost"][np.isfinite(_stats(run)["eval_total_cost"])] == start[
+        "eval_total_cost"])
 
 
 def test_tanh_policy_log_probability_is_the_squashed_density():
@@ -600,6 +646,8 @@ def test_segment_norm_floor_outside_0_1_is_refused(floor):
     (dict(ema_decay=1.0), r"--ema-decay 1.0: must be in \[0, 1\)"),
     (dict(ema_decay=-0.1), r"--ema-decay -0.1: must be in \[0, 1\)"),
     (dict(adam_beta1=1.0), r"--adam-beta1 1.0: must be in \[0, 1\)"),
+    (dict(anchor_decay=-1.0, learning_rate=0.001), r"--anchor-decay -1.0 x --learning-rate 0.001 must be in \[0, 1\]"),
+    (dict(anchor_decay=3.0, learning_rate=0.5), r"--anchor-decay 3.0 x --learning-rate 0.5 must be in \[0, 1\]"),
 ])
 def test_misused_flags_are_refused(flags, message):
     with pytest.raises(te.TinyPhysicsError, match=message):
