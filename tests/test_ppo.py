@@ -401,6 +401,9 @@ def test_learning_rate_schedules(tiny):
     assert pl.learning_rate_at(3, 4, args) == pytest.approx(0.1 + 0.9 * 0.5)  # halfway: the middle
     assert pl.learning_rate_at(2, 4, tiny(learning_rate=1.0)) == pytest.approx(0.75)  # linear
     assert pl.learning_rate_at(4, 4, tiny(learning_rate=1.0, lr_schedule="constant")) == 1.0
+    inverse = tiny(learning_rate=1.0, lr_schedule="inverse", lr_decay_steps=160)  # 80 steps an iteration
+    assert [pl.learning_rate_at(i, 4, inverse) for i in (1, 3, 5)] == [1.0, 0.5, 1 / 3]  # halved at 160 steps
+    assert pl.learning_rate_at(3, 4, inverse) == pl.learning_rate_at(3, 40, inverse)  # whatever the budget
 
 
 def test_resume_is_exact_with_the_new_options(tiny):
@@ -646,6 +649,7 @@ def test_segment_norm_floor_outside_0_1_is_refused(floor):
     (dict(ema_decay=1.0), r"--ema-decay 1.0: must be in \[0, 1\)"),
     (dict(ema_decay=-0.1), r"--ema-decay -0.1: must be in \[0, 1\)"),
     (dict(adam_beta1=1.0), r"--adam-beta1 1.0: must be in \[0, 1\)"),
+    (dict(lr_decay_steps=0), "--lr-decay-steps 0: need at least 1"),
     (dict(anchor_decay=-1.0, learning_rate=0.001), r"--anchor-decay -1.0 x --learning-rate 0.001 must be in \[0, 1\]"),
     (dict(anchor_decay=3.0, learning_rate=0.5), r"--anchor-decay 3.0 x --learning-rate 0.5 must be in \[0, 1\]"),
 ])
