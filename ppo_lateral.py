@@ -218,7 +218,9 @@ class Args:
     with --action-mode residual, the teacher) by the learning rate x this of the distance: weight decay around
     the start instead of around zero. A restoring force against the random walk that minibatch noise drives
     (see --adam-beta1), which otherwise keeps adding jerk past 1M steps; the gradient's signal outweighs it
-    where the policy truly improves on the start. 0: off"""
+    where the policy truly improves on the start. 0: off (measured, 200 held-out synthetic segments: 2 at 1M,
+    seed 1, 51.11 against 51.01, 5 51.35; at 2M, seed 2, 50.89 against 51.23; at 4M, seed 1, best 51.03 at
+    1.5M, 51.45 at the end against 51.66, the jerk still climbing: it slows the turn, it does not stop it)"""
     target_kl: float | None = None
     """stop the epochs of an update early when approx_kl exceeds this"""
     reward_scale: float = 0.1
