@@ -248,7 +248,7 @@ class Args:
     gradient is mostly noise, and the average cancels part of the random walk it drives. TensorBoard then
     also logs the live weights' score as eval/live_total_cost. 0: off (measured, 1M steps, 200 held-out
     synthetic segments: 0.9, seed 1, 50.98 against the same run's live 51.02; with --lr-schedule constant,
-    0.95, 3 seeds, 50.98, median 41.43, against the defaults' 51.09, median 41.26: the average trails the live
+    0.95, 3 seeds, 50.98, median 41.43, against the previous defaults' 51.09, median 41.26: the average trails the live
     weights while they improve and is level or a little ahead at the end; 0.97 is part of the default
     combination measured under --lr-schedule)"""
 

@@ -1,9 +1,10 @@
 """What the learner costs: training steps/s of ppo_lateral.py against the raw simulator's steps/s at
 the same batch size, measured side by side in one run, several times, medians reported.
 
-The raw figure steps the same vector environment (observations included) with a fixed steer and no
-policy; the training figure is the per-iteration SPS that ppo_lateral.py logs (rollout + GAE +
-update), skipping the first iteration (warm-up, and compilation with --compile).
+The raw figure steps the same vector environment (observations included, and the defaults' expected
+reward and K copies with shared noise) with a fixed steer and no policy; the training figure is the
+per-iteration SPS that ppo_lateral.py logs (rollout + GAE + update), skipping the first iteration
+(warm-up, and compilation with --compile).
 
     python benchmark/train_speed.py --sim-model-path ../shared/tinyphysics/models/tinyphysics.onnx
 """
@@ -61,8 +62,13 @@ def main(args: Args) -> None:
                               compile=args.compile)
     with tempfile.TemporaryDirectory() as folder:
         te.synthesize_segments(512, seed=0, out_dir=folder)
+        # The raw measurement steps the environment as training configures it by default (its reward and
+        # the K copies' shared noise are the simulator's work), so the difference is the learner's alone.
+        defaults = pl.Args()
         envs = te.TinyPhysicsVectorEnv(args.num_envs, segments=te.load_segments(folder, progress=False), model=model,
-                                       autoreset_mode="same_step")
+                                       autoreset_mode="same_step", expected_reward=defaults.expected_reward,
+                                       samples_per_segment=defaults.samples_per_segment,
+                                       common_noise=defaults.common_noise)
         raw, trained = [], []
         for _ in range(args.repeats):
             raw.append(raw_steps_per_second(envs, 400))
