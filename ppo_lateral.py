@@ -1201,7 +1201,8 @@ def train(args: Args, on_iteration: Callable[[dict], None] | None = None) -> Pat
         if lead:
             per_rank = {"ranks": states, "world_size": world} if world > 1 else {}
             kept = {"live_agent": agent.state_dict(), "ema": ema.state_dict()} if ema else {}
-            kept.update({"anchor": {k: v.cpu() for k, v in anchor.items()}} if anchor else {})
+            if anchor:
+                kept["anchor"] = {k: v.cpu() for k, v in anchor.items()}
             save_checkpoint(policy_checkpoint(
                 policy, optimizer=optimizer.state_dict(), **kept, args=dataclasses.asdict(args), run_name=run_name,
                 global_step=global_step, iteration=iteration, stats=stats, best_eval=best_eval, **states[0],
