@@ -245,8 +245,8 @@ class Args:
     """Polyak averaging: the policy that is evaluated and saved (best, final and checkpoint models, so also the
     exported one) is an exponential moving average of the weights after each iteration's update, with this
     decay (about 1 / (1 - decay) iterations averaged), while the rollouts keep the live weights; a minibatch's
-    gradient is mostly noise, and the average cancels part of the random walk it drives. TensorBoard then
-    also logs the live weights' score as eval/live_total_cost. 0: off (measured, 1M steps, 200 held-out
+    gradient is mostly noise, and the average cancels part of the random walk it drives (--eval-live also
+    scores the live weights). 0: off (measured, 1M steps, 200 held-out
     synthetic segments: 0.9, seed 1, 50.98 against the same run's live 51.02; with --lr-schedule constant,
     0.95, 3 seeds, 50.98, median 41.43, against the previous defaults' 51.09, median 41.26: the average trails the live
     weights while they improve and is level or a little ahead at the end; 0.97 is part of the default
@@ -297,6 +297,9 @@ class Args:
     # Evaluation and checkpoints
     eval_every: int = 100_000
     """score the deterministic policy on held-out segments every this many steps (and at the end)"""
+    eval_live: bool = False
+    """with --ema-decay, also score the live weights at each evaluation (eval/live_total_cost beside the
+    average's eval/total_cost): a diagnostic that doubles the evaluation's cost"""
     checkpoint_every: int = 200_000
     """write a resumable checkpoint every this many steps"""
 
@@ -1243,7 +1246,7 @@ def train(args: Args, on_iteration: Callable[[dict], None] | None = None) -> Pat
             # Evaluation and checkpoints
             if lead and (crossed(global_step, batch_size, args.eval_every) or iteration == num_iterations):
                 row["eval_total_cost"] = write_eval(writer, evaluate(policy, eval_model, eval_segments), global_step)
-                if ema:  # the live weights' score beside the average's
+                if ema and args.eval_live:
                     live = evaluate(agent, eval_model, eval_segments)["total_cost"].mean()
                     writer.add_scalar("eval/live_total_cost", float(live), global_step)
                 if row["eval_total_cost"] < best_eval:

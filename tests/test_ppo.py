@@ -444,8 +444,8 @@ def test_annealed_logstd_follows_its_schedule(tiny):
 def test_ema_policy_is_the_running_average_of_the_live_weights(tiny):
     """--ema-decay d: the saved policy is the live weights after the first update, then d * itself + (1 - d) *
     the live weights after each later one; checkpoints keep the live weights, from which a run resumes, and
-    the best model is the average that scored best."""
-    run = pl.train(tiny(ema_decay=0.6, checkpoint_every=80, eval_every=80, exp_name="ema"))
+    the best model is the average that scored best; --eval-live scores the live weights beside it."""
+    run = pl.train(tiny(ema_decay=0.6, checkpoint_every=80, eval_every=80, eval_live=True, exp_name="ema"))
     checkpoints = [torch.load(run / "checkpoints" / f"checkpoint_{step}.pt", weights_only=False)
                    for step in (80, 160, 240, 320)]
     average = {k: v.clone() for k, v in checkpoints[0]["live_agent"].items()}
@@ -460,7 +460,14 @@ def test_ema_policy_is_the_running_average_of_the_live_weights(tiny):
     stats = _stats(run)
     evaluated = stats["eval_total_cost"][np.isfinite(stats["eval_total_cost"])]
     assert torch.load(run / "best_model.pt", weights_only=False)["eval_total_cost"] == evaluated.min()
-    assert EventAccumulator(str(run)).Reload().Scalars("eval/live_total_cost")[-1].step == 320
+    assert [e.step for e in EventAccumulator(str(run)).Reload().Scalars("eval/live_total_cost")] == [80, 160, 240, 320]
+
+
+def test_live_weights_are_scored_only_when_asked(default_run):
+    """With --ema-decay (a default) and without --eval-live an evaluation scores only the average."""
+    assert pl.Args().ema_decay > 0 and not pl.Args().eval_live
+    tags = EventAccumulator(str(default_run)).Reload().Tags()["scalars"]
+    assert "eval/total_cost" in tags and "eval/live_total_cost" not in tags
 
 
 def test_anchor_decay_pulls_the_actor_towards_its_step_0_weights_after_each_step(tiny):
