@@ -65,6 +65,11 @@ class Args:
     """continue the run of this checkpoint, runs/<run>/checkpoints/checkpoint_<step>.pt, with its saved arguments,
     in the run folder that holds it (a moved run folder resumes where it now is). It needs the same training
     segments: with other data, start a new run instead"""
+    extend_to: int | None = None
+    """with --resume: train on to this many steps in all instead of the saved run's --total-timesteps (a
+    finished run continues from the checkpoint its last iteration writes). Only where nothing depends on the
+    budget (--lr-schedule inverse or constant, no --final-logstd): the extended run is then, step for step,
+    the run that budget would have trained"""
 
     # Assets and segments
     sim_model_path: str | None = None
@@ -151,7 +156,10 @@ class Args:
     final_lr_fraction: float = 0.0
     """cosine schedule: the last learning rate as a fraction of --learning-rate"""
     gamma: float = 0.9
-    """discount factor (measured at 1M steps: 0.9 beat 0.95 and 0.99; a step's steer matters for about a second)"""
+    """discount factor (measured at 1M steps: 0.9 beat 0.95 and 0.99; a step's steer matters for about a second.
+    On the present defaults, 2M steps, 200 held-out synthetic segments, seed 1: 0.95 51.08 at 1M, best 50.82 at
+    1.5M, 51.00 at 2M; 0.97 51.57, 51.64; against 0.9's 50.83, 51.26. The jerk climbs at the same pace under
+    each, so the late turn is not the horizon's)"""
     gae_lambda: float = 1.0
     """GAE lambda. 1: the advantage is the discounted return (minus V(s_t) with --value-baseline), so the
     critic, which explains little here, biases it only through the bootstrap at the rollout's end (measured
@@ -307,6 +315,8 @@ class Args:
 def validate(args: Args, world: int = 1) -> None:
     """Refuse bad arguments before any work, with a one-line reason each (world: processes under torchrun)."""
     checks = [
+        (args.extend_to is None or args.resume, "--extend-to continues a run: add --resume "
+                                                 "runs/<run>/checkpoints/checkpoint_<step>.pt"),
         (args.num_envs >= 1, f"--num-envs {args.num_envs}: need at least 1"),
         (args.num_envs % world == 0, f"--num-envs {args.num_envs} does not split over {world} processes; use a "
                                      "multiple of --nproc-per-node (times --nnodes)"),
@@ -1053,6 +1063,22 @@ def saved_args(checkpoint: dict, **overrides) -> Args:
     return Args(**{**FLAGS_BEFORE_THEY_EXISTED, **checkpoint["args"], **overrides})
 
 
+def extended_budget(checkpoint: dict, extend_to: int | None) -> dict:
+    """The saved arguments that --extend-to changes: none, or the budget where no schedule depends on it."""
+    if extend_to is None:
+        return {}
+    saved, step = saved_args(checkpoint), checkpoint["global_step"]
+    budgeted = "--final-logstd" if saved.final_logstd is not None else f"--lr-schedule {saved.lr_schedule}"
+    if saved.lr_schedule in ("linear", "cosine") or saved.final_logstd is not None:
+        raise te.TinyPhysicsError(f"--extend-to: this run's {budgeted} schedule is laid out over its budget, so a "
+                                  "longer run would have trained differently; start a new run with "
+                                  "--total-timesteps instead")
+    if extend_to < step + saved.num_envs * saved.num_steps:
+        raise te.TinyPhysicsError(f"--extend-to {extend_to}: the checkpoint is at step {step}; extend to at least "
+                                  "one more batch")
+    return {"total_timesteps": extend_to}
+
+
 def train(args: Args, on_iteration: Callable[[dict], None] | None = None) -> Path:
     """Train as the arguments say; returns the run folder. on_iteration(stats) is called after every
     iteration with that iteration's row of training_stats (for notebooks)."""
@@ -1066,7 +1092,8 @@ def train(args: Args, on_iteration: Callable[[dict], None] | None = None) -> Pat
         if Path(resume_path).parent.name != "checkpoints":
             raise te.TinyPhysicsError(f"{resume_path}: not inside a run folder's checkpoints/; resume from "
                                       "runs/<run>/checkpoints/checkpoint_<step>.pt (move whole run folders only)")
-        args = saved_args(checkpoint, resume=resume_path, progress=args.progress)
+        args = saved_args(checkpoint, resume=resume_path, progress=args.progress,
+                          **extended_budget(checkpoint, args.extend_to))
         print(f"resuming {checkpoint['run_name']} at step {checkpoint['global_step']} with its saved arguments",
               file=sys.stderr)
 
@@ -1259,7 +1286,7 @@ def train(args: Args, on_iteration: Callable[[dict], None] | None = None) -> Pat
                     stats[key].append(row[key])
                 te.write_atomic(run_dir / "training_stats.npz", lambda f: np.savez(
                     f, **{k: np.asarray(v, dtype=np.float64) for k, v in stats.items()}))
-            if crossed(global_step, batch_size, args.checkpoint_every) or stopping:
+            if crossed(global_step, batch_size, args.checkpoint_every) or stopping or iteration == num_iterations:
                 write_checkpoint(run_dir / "checkpoints" / f"checkpoint_{global_step}.pt", iteration)
             bar.update(batch_size)
             if on_iteration and lead:

@@ -4,6 +4,7 @@ import contextlib
 import dataclasses
 import functools
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -144,6 +145,37 @@ def test_resume_matches_the_uninterrupted_run(default_run, tmp_path):
     _same_stats(_stats(default_run), _stats(resumed))
     for k, v in _weights(default_run / "final_model.pt").items():
         assert torch.equal(v, _weights(resumed / "final_model.pt")[k]), k
+
+
+def test_extending_a_finished_run_is_the_longer_run(default_run, tiny, tmp_path):
+    """--extend-to: the finished 320-step run, continued from the checkpoint its last iteration wrote, is the
+    480-step run bit for bit (the defaults' inverse schedule does not depend on the budget)."""
+    moved = tmp_path / default_run.name
+    shutil.copytree(default_run, moved)
+    extended = pl.train(pl.Args(resume=str(moved / "checkpoints" / "checkpoint_320.pt"), extend_to=480))
+    longer = pl.train(tiny(total_timesteps=480, exp_name="longer"))
+    assert torch.load(extended / "checkpoints" / "checkpoint_480.pt", weights_only=False)["args"][
+        "total_timesteps"] == 480
+    _same_stats(_stats(longer), _stats(extended))
+    for k, v in _weights(longer / "final_model.pt").items():
+        assert torch.equal(v, _weights(extended / "final_model.pt")[k]), k
+
+
+@pytest.mark.parametrize("saved, extend_to, problem", [
+    (dict(lr_schedule="linear"), 480, "--lr-schedule linear schedule is laid out over its budget"),
+    (dict(final_logstd=-5.0), 480, "--final-logstd schedule is laid out over its budget"),
+    ({}, 320, "the checkpoint is at step 320; extend to at least one more batch"),
+])
+def test_extend_to_refuses_what_would_not_be_the_longer_run(default_run, saved, extend_to, problem):
+    checkpoint = torch.load(default_run / "checkpoints" / "checkpoint_320.pt", weights_only=False)
+    checkpoint["args"].update(saved)
+    with pytest.raises(te.TinyPhysicsError, match=re.escape(problem)):
+        pl.extended_budget(checkpoint, extend_to)
+
+
+def test_extend_to_needs_a_run_to_continue(tiny):
+    with pytest.raises(te.TinyPhysicsError, match="--extend-to continues a run: add --resume"):
+        pl.train(tiny(extend_to=640))
 
 
 def test_numpy_policy_mirrors_the_torch_agent():
