@@ -118,7 +118,10 @@ class Args:
     Gaussian noise of the policy's std (so --init-logstd sets the fresh part; the noise's own std is that over
     sqrt(1 - rho^2)). Slowly varying noise moves the lateral acceleration more for the jerk it adds than white
     noise does. 0: white noise (measured, 1M steps, 200 held-out synthetic segments, seed 1: 0.9 53.82 against
-    white 54.32; 0.9 with --init-logstd -3.5 54.06, best 53.72 at 750k)"""
+    white 54.32; 0.9 with --init-logstd -3.5 54.06, best 53.72 at 750k). Slow noise barely probes the
+    step-to-step part of the steer, so past 1M the jerk walks up; faster noise holds it and learns the tracking
+    more slowly (on the present defaults, seed 1: 0.75 51.72 at 1M, 51.27 at 2M; 0.5 52.98, 51.88, and 51.38 at
+    4M, still falling, its jerk flat to 2M; 0.9 50.83, 51.26, 51.62))"""
     noise_logprob: Literal["conditioned", "joint"] = "joint"
     """correlated noise's log-probability in the PPO ratio. joint: the AR(1) process's own density, the
     carried-over part rho * (previous action - previous mean) recomputed under the policy being updated (the
