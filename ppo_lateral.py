@@ -68,8 +68,8 @@ class Args:
     extend_to: int | None = None
     """with --resume: train on to this many steps in all instead of the saved run's --total-timesteps (a
     finished run continues from the checkpoint its last iteration writes). Only where nothing depends on the
-    budget (--lr-schedule inverse or constant, no --final-logstd): the extended run is then, step for step,
-    the run that budget would have trained"""
+    budget (--lr-schedule inverse or constant, no --final-logstd): the extended run then trains, step for step,
+    the weights that budget would have (its records keep the shorter run's final evaluation as one more row)"""
 
     # Assets and segments
     sim_model_path: str | None = None
