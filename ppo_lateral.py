@@ -160,9 +160,10 @@ class Args:
     """cosine schedule: the last learning rate as a fraction of --learning-rate"""
     gamma: float = 0.9
     """discount factor (measured at 1M steps: 0.9 beat 0.95 and 0.99; a step's steer matters for about a second.
-    On the present defaults, 2M steps, 200 held-out synthetic segments, seed 1: 0.95 51.08 at 1M, best 50.82 at
-    1.5M, 51.00 at 2M; 0.97 51.57, 51.64; against 0.9's 50.83, 51.26. The jerk climbs at the same pace under
-    each, so the late turn is not the horizon's)"""
+    On the present defaults, 200 held-out synthetic segments, seeds 1 and 2: 0.95 51.10 at 1M, 50.83 at 2M,
+    50.99 at 4M (median 39.88 there) against 0.9's 50.76 and 51.25 at 1M and 2M (51.62 at 4M, seed 1); 0.97,
+    seed 1, 51.57, 51.64. The jerk climbs at the same pace under each, so the late turn is not the horizon's;
+    0.95 keeps improving the tracking longer but misses the 1M headline)"""
     gae_lambda: float = 1.0
     """GAE lambda. 1: the advantage is the discounted return (minus V(s_t) with --value-baseline), so the
     critic, which explains little here, biases it only through the bootstrap at the rollout's end (measured
