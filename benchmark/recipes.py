@@ -85,17 +85,20 @@ def run_row(record: dict, teacher: dict) -> str:
 
 def plot_curves(finished: dict[str, list[dict]], baselines: dict, out: Path) -> None:
     """Left: every run with PID and the teacher as lines; right: the same, zoomed on the teacher."""
+    from matplotlib import colormaps
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(13, 4.5))
     axes = fig.subplots(1, 2)
     teacher = baselines["pid_ff"]["synthetic"]["mean"]
     lowest = min(min(r["curve"][1]) for records in finished.values() for r in records)
+    colors = colormaps["tab10" if len(finished) <= 10 else "tab20"]  # one colour a variant, a line style a seed
     for ax in axes:
-        for name, records in finished.items():
-            for r in records:
+        for i, (name, records) in enumerate(finished.items()):
+            for j, r in enumerate(records):
                 steps, costs = r["curve"]
-                ax.plot(steps, costs, marker=".", label=f"{name} seed {r['seed']}")
+                ax.plot(steps, costs, marker=".", color=colors(i % colors.N), ls=("-", "--", "-.", ":")[j % 4],
+                        label=f"{name} seed {r['seed']}")
         for name, style in (("pid", "--"), ("pid_ff", ":")):
             cost = baselines[name]["synthetic"]["mean"]
             ax.axhline(cost, color="black", ls=style, label=f"{name} {cost:.2f}")
