@@ -163,7 +163,7 @@ class Args:
     On the present defaults, 200 held-out synthetic segments, seeds 1 and 2: 0.95 51.10 at 1M, 50.83 at 2M,
     50.99 at 4M (median 39.88 there) against 0.9's 50.76 and 51.25 at 1M and 2M (51.62 at 4M, seed 1); 0.97,
     seed 1, 51.57, 51.64. The jerk climbs at the same pace under each, so the late turn is not the horizon's;
-    0.95 keeps improving the tracking longer but misses the 1M headline)"""
+    0.95 keeps improving the tracking longer but misses the 1M headline: 51.04 over seeds 1-3 against 50.79)"""
     gae_lambda: float = 1.0
     """GAE lambda. 1: the advantage is the discounted return (minus V(s_t) with --value-baseline), so the
     critic, which explains little here, biases it only through the bootstrap at the rollout's end (measured
