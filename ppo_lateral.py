@@ -1072,8 +1072,9 @@ def extended_budget(checkpoint: dict, extend_to: int | None) -> dict:
     if extend_to is None:
         return {}
     saved, step = saved_args(checkpoint), checkpoint["global_step"]
-    budgeted = "--final-logstd" if saved.final_logstd is not None else f"--lr-schedule {saved.lr_schedule}"
-    if saved.lr_schedule in ("linear", "cosine") or saved.final_logstd is not None:
+    budgeted = ("--final-logstd" if saved.final_logstd is not None else
+                f"--lr-schedule {saved.lr_schedule}" if saved.lr_schedule in ("linear", "cosine") else None)
+    if budgeted:
         raise te.TinyPhysicsError(f"--extend-to: this run's {budgeted} schedule is laid out over its budget, so a "
                                   "longer run would have trained differently; start a new run with "
                                   "--total-timesteps instead")
