@@ -122,6 +122,12 @@ class Args:
     step-to-step part of the steer, so past 1M the jerk walks up; faster noise holds it and learns the tracking
     more slowly (on the present defaults, seed 1: 0.75 51.72 at 1M, 51.27 at 2M; 0.5 52.98, 51.88, and 51.38 at
     4M, still falling, its jerk flat to 2M; 0.9 50.83, 51.26, 51.62))"""
+    fast_noise_correlation: float | None = None
+    """a second, faster noise process beside --noise-correlation's: the second antithetic pair of each
+    segment's rollouts (with --samples-per-segment 4, rollouts 3 and 4; with 8, pairs 2 and 4) explores with
+    this rho instead, so every batch probes both the slow part of the steer, where the tracking is won, and its
+    step-to-step part, where the jerk is. Each rollout's noise stays one AR(1) process, so its likelihood ratio
+    stays exact. None: every rollout uses --noise-correlation"""
     noise_logprob: Literal["conditioned", "joint"] = "joint"
     """correlated noise's log-probability in the PPO ratio. joint: the AR(1) process's own density, the
     carried-over part rho * (previous action - previous mean) recomputed under the policy being updated (the
@@ -362,6 +368,11 @@ def validate(args: Args, world: int = 1) -> None:
          "--segment-baseline"),
         (args.smooth_coef >= 0, f"--smooth-coef {args.smooth_coef}: cannot be negative"),
         (0 <= args.noise_correlation < 1, f"--noise-correlation {args.noise_correlation}: must be in [0, 1)"),
+        (args.fast_noise_correlation is None or 0 <= args.fast_noise_correlation < 1,
+         f"--fast-noise-correlation {args.fast_noise_correlation}: must be in [0, 1)"),
+        (args.fast_noise_correlation is None or (args.antithetic_noise and args.samples_per_segment >= 4),
+         "--fast-noise-correlation gives each segment's second antithetic pair the faster noise; it needs "
+         "--antithetic-noise and --samples-per-segment 4 or more"),
         (0 < args.segment_norm_power <= 1, f"--segment-norm-power {args.segment_norm_power}: must be in (0, 1] "
                                            "(turn the normalisation off with --no-segment-norm)"),
         (0 <= args.segment_norm_floor < 1, f"--segment-norm-floor {args.segment_norm_floor}: must be in [0, 1) "
@@ -791,9 +802,10 @@ class RewardNormalizer:
 
 
 # --- The clipped PPO loss -----------------------------------------------------------------------
-def joint_noise_offsets(agent: Agent, noise_offsets, prev_obs, prev_actions, carried, noise_correlation: float):
+def joint_noise_offsets(agent: Agent, noise_offsets, prev_obs, prev_actions, carried, noise_correlation):
     """The carried-over part of correlated noise under the current policy, rho * (a_{t-1} - mean(s_{t-1})),
-    where a step carried noise from an earlier step of its rollout; elsewhere the stored offset."""
+    where a step carried noise from an earlier step of its rollout; elsewhere the stored offset. rho: a
+    number, or one per step [B, 1]."""
     live = noise_correlation * (prev_actions - agent.actor_mean(agent.normalize(prev_obs)))
     return torch.where(carried, live, noise_offsets)
 
@@ -809,7 +821,7 @@ def steer_change_penalty(agent: Agent, obs, prev_obs, carried) -> torch.Tensor:
 
 def ppo_loss(agent: Agent, obs, actions, noise_offsets, logprobs, advantages, returns, values, clip_coef: float,
              norm_adv: bool, clip_vloss: bool, ent_coef: float, vf_coef: float, previous: tuple | None = None,
-             noise_correlation: float = 0.0, joint: bool = True, smooth_coef: float = 0.0):
+             noise_correlation=0.0, joint: bool = True, smooth_coef: float = 0.0):
     """previous: (prev_obs, prev_actions, carried), for --noise-logprob joint and --smooth-coef."""
     if joint and previous is not None:
         noise_offsets = joint_noise_offsets(agent, noise_offsets, *previous, noise_correlation)
@@ -899,6 +911,23 @@ def new_rollout_buffers(num_steps: int, num_envs: int, device: torch.device) -> 
     return {k: torch.zeros((num_steps, num_envs, *shape), device=device) for k, shape in shapes.items()}
 
 
+def noise_correlations(args: Args, num_envs: int, device: torch.device) -> torch.Tensor:
+    """Each environment's rho, [num_envs, 1]: --noise-correlation, or --fast-noise-correlation for the odd
+    antithetic pairs of each segment's samples_per_segment rollouts."""
+    rho = torch.full((num_envs, 1), args.noise_correlation, device=device)
+    if args.fast_noise_correlation is not None:
+        pair_in_segment = (torch.arange(num_envs, device=device) // 2) % (args.samples_per_segment // 2)
+        rho[pair_in_segment % 2 == 1] = args.fast_noise_correlation
+    return rho
+
+
+def batch_noise_correlations(args: Args, buf: dict) -> torch.Tensor:
+    """rho of every step of a rollout, flattened as the batch is, [num_steps * num_envs, 1]."""
+    num_steps, num_envs = buf["rewards"].shape
+    rho = noise_correlations(args, num_envs, buf["rewards"].device)
+    return rho.expand(num_steps, num_envs, 1).reshape(-1, 1)
+
+
 def exploration_actions(agent: Agent, obs: torch.Tensor, previous_noise: torch.Tensor,
                         args: Args) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Policy samples under --antithetic-noise (environments 2j and 2j+1 get opposite fresh noise around
@@ -911,7 +940,7 @@ def exploration_actions(agent: Agent, obs: torch.Tensor, previous_noise: torch.T
         fresh = torch.stack([half, -half], dim=1).reshape(len(obs), 1)
     else:
         fresh = torch.randn_like(mean)
-    offsets = args.noise_correlation * previous_noise
+    offsets = noise_correlations(args, len(obs), obs.device) * previous_noise
     noise = offsets + agent.actor_logstd.exp() * fresh
     return mean + noise, offsets, noise
 
@@ -992,7 +1021,8 @@ def ppo_update(agent: Agent, optimizer: torch.optim.Optimizer, loss_fn: Callable
     b_offsets = buf["noise_offsets"].reshape(-1, 1)
     b_logprobs, b_advantages = buf["logprobs"].reshape(-1), advantages.reshape(-1)
     b_returns, b_values = returns.reshape(-1), buf["values"].reshape(-1)
-    joint = args.noise_logprob == "joint" and args.noise_correlation > 0
+    b_rho = batch_noise_correlations(args, buf)
+    joint = args.noise_logprob == "joint" and bool(b_rho.any())
     b_previous = [x.reshape(len(b_obs), -1) for x in previous_steps(buf)] if joint or args.smooth_coef else None
     batch = len(b_obs)
     minibatch_size = batch // args.num_minibatches
@@ -1006,7 +1036,7 @@ def ppo_update(agent: Agent, optimizer: torch.optim.Optimizer, loss_fn: Callable
                 loss, pg_loss, v_loss, entropy_loss, old_approx_kl, approx_kl, clipfrac = loss_fn(
                     agent, b_obs[mb], b_actions[mb], b_offsets[mb], b_logprobs[mb], b_advantages[mb],
                     b_returns[mb], b_values[mb], args.clip_coef, args.norm_adv, args.clip_vloss, args.ent_coef,
-                    args.vf_coef, [x[mb] for x in b_previous] if b_previous else None, args.noise_correlation,
+                    args.vf_coef, [x[mb] for x in b_previous] if b_previous else None, b_rho[mb],
                     joint, args.smooth_coef)
             clipfracs.append(clipfrac.item())
             optimizer.zero_grad()

@@ -445,9 +445,9 @@ def test_learning_rate_schedules(tiny):
 
 
 def test_resume_is_exact_with_the_new_options(tiny):
-    options = dict(action_mode="residual", samples_per_segment=2, common_noise=True, segment_baseline=True,
+    options = dict(action_mode="residual", samples_per_segment=4, common_noise=True, segment_baseline=True,
                    segment_norm=True, norm_reward=True, lr_schedule="cosine", critic_hidden=24, policy_dist="tanh",
-                   antithetic_noise=True, noise_correlation=0.5, segment_norm_power=0.5,
+                   antithetic_noise=True, noise_correlation=0.5, fast_noise_correlation=0.2, segment_norm_power=0.5,
                    noise_logprob="joint", learn_logstd=False, pair_baseline=True, smooth_coef=10.0,
                    final_logstd=-4.5, ema_decay=0.5, jerk_weight=1.5, adam_beta1=0.95, anchor_decay=100.0)
     full = pl.train(tiny(total_timesteps=640, checkpoint_every=240, eval_every=10**9, **options))
@@ -632,18 +632,22 @@ def test_a_checkpoint_from_before_correlated_noise_resumes_with_white_noise():
     assert (resumed.noise_correlation, resumed.segment_norm_power, resumed.noise_logprob) == (0.7, 0.5, "conditioned")
 
 
-def test_joint_noise_logprob_is_the_ar1_process_density_under_the_new_policy():
+@pytest.mark.parametrize("fast", [None, 0.3])
+def test_joint_noise_logprob_is_the_ar1_process_density_under_the_new_policy(fast):
     """--noise-logprob joint: summed over a rollout, the per-step log-probabilities under an updated policy
     are the log-density of its whole AR(1) noise path, n_t = a_t - mean'(s_t) with innovations n_t - rho
-    n_{t-1} (restarting where an episode starts); the conditioned log-probabilities are not."""
-    rho, steps, envs = 0.8, 30, 4
+    n_{t-1} (restarting where an episode starts), each environment with its own rho under
+    --fast-noise-correlation; the conditioned log-probabilities are not."""
+    steps, envs = 30, 8
+    args = _exploration_args(noise_correlation=0.8, fast_noise_correlation=fast, antithetic_noise=fast is not None)
+    rho = np.where(np.arange(envs) % 4 >= 2, 0.8 if fast is None else fast, 0.8)  # the second pair of each 4
     torch.manual_seed(0)
     agent = pl.Agent(te.OBS_DIM, 16, "residual", 0.25, init_logstd=-1.0)
     torch.nn.init.normal_(agent.actor_mean[-1].weight, std=0.5)
     buf = pl.new_rollout_buffers(steps, envs, torch.device("cpu"))
     buf["obs"] = torch.randn((steps, envs, te.OBS_DIM))
-    buf["dones"][12, 1] = 1.0  # environment 1 starts a new episode at step 12
-    noise, args = torch.zeros((envs, 1)), _exploration_args(noise_correlation=rho)
+    buf["dones"][12, 1] = buf["dones"][17, 2] = 1.0  # environments 1 and 2 start new episodes
+    noise, b_rho = torch.zeros((envs, 1)), pl.batch_noise_correlations(args, buf)
     with torch.no_grad():
         for step in range(steps):
             noise = noise * (1.0 - buf["dones"][step])[:, None]
@@ -651,11 +655,11 @@ def test_joint_noise_logprob_is_the_ar1_process_density_under_the_new_policy():
                 agent, buf["obs"][step], noise, args)
         previous = [x.reshape(steps * envs, -1) for x in pl.previous_steps(buf)]
         flat = {k: buf[k].reshape(steps * envs, -1) for k in ("obs", "actions", "noise_offsets")}
-        unchanged = pl.joint_noise_offsets(agent, flat["noise_offsets"], *previous, rho)
+        unchanged = pl.joint_noise_offsets(agent, flat["noise_offsets"], *previous, b_rho)
         np.testing.assert_allclose(unchanged.numpy(), flat["noise_offsets"].numpy(), atol=1e-6)
 
         torch.nn.init.normal_(agent.actor_mean[-1].weight, std=0.5)  # the policy after an update
-        joint = pl.joint_noise_offsets(agent, flat["noise_offsets"], *previous, rho)
+        joint = pl.joint_noise_offsets(agent, flat["noise_offsets"], *previous, b_rho)
         logprob = {name: agent.get_action_and_value(flat["obs"], flat["actions"], offsets)[1].reshape(steps, envs)
                    for name, offsets in (("joint", joint), ("conditioned", flat["noise_offsets"]))}
         n = (buf["actions"] - agent.actor_mean(agent.normalize(buf["obs"])))[..., 0].numpy()
@@ -671,6 +675,38 @@ def test_joint_noise_logprob_is_the_ar1_process_density_under_the_new_policy():
 def test_noise_correlation_outside_0_1_is_refused(rho):
     with pytest.raises(te.TinyPhysicsError, match=rf"--noise-correlation {rho}: must be in \[0, 1\)"):
         pl.validate(pl.Args(noise_correlation=rho))
+
+
+def test_fast_noise_goes_to_each_segments_second_antithetic_pair():
+    """--fast-noise-correlation: with K=4 rollouts of a segment, rollouts 3 and 4 (one antithetic pair) carry
+    the fast rho; with K=8, pairs 2 and 4. Each environment's noise is the AR(1) process of its own rho."""
+    args = _exploration_args(noise_correlation=0.8, fast_noise_correlation=0.3, antithetic_noise=True)
+    assert pl.noise_correlations(args, 8, torch.device("cpu"))[:, 0].tolist() == pytest.approx([0.8] * 2 + [0.3] * 2
+                                                                                            + [0.8] * 2 + [0.3] * 2)
+    args8 = dataclasses.replace(args, samples_per_segment=8)
+    assert pl.noise_correlations(args8, 16, torch.device("cpu"))[:, 0].tolist() == pytest.approx(
+        ([0.8] * 2 + [0.3] * 2) * 4)
+    agent = pl.Agent(te.OBS_DIM, 16, "residual", 0.25, init_logstd=-1.0)
+    obs, noise, trace = torch.zeros((512, te.OBS_DIM)), torch.zeros((512, 1)), []
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for _ in range(300):
+            _, _, noise = pl.exploration_actions(agent, obs, noise, args)
+            trace.append(noise[:, 0].numpy().copy())
+    trace, fast = np.array(trace[100:]), np.arange(512) % 4 >= 2
+    for rho, envs in ((0.8, ~fast), (0.3, fast)):
+        assert abs(np.corrcoef(trace[1:, envs].ravel(), trace[:-1, envs].ravel())[0, 1] - rho) < 0.03
+
+
+@pytest.mark.parametrize("flags, problem", [
+    ({"fast_noise_correlation": 1.0}, r"--fast-noise-correlation 1.0: must be in \[0, 1\)"),
+    ({"fast_noise_correlation": 0.5, "samples_per_segment": 2}, "needs --antithetic-noise and --samples-per"),
+    ({"fast_noise_correlation": 0.5, "antithetic_noise": False, "pair_baseline": False},
+     "needs --antithetic-noise and --samples-per"),
+])
+def test_fast_noise_without_a_second_pair_is_refused(flags, problem):
+    with pytest.raises(te.TinyPhysicsError, match=problem):
+        pl.validate(pl.Args(**flags))
 
 
 @pytest.mark.parametrize("power", [0.0, 1.5])
