@@ -127,7 +127,10 @@ class Args:
     segment's rollouts (with --samples-per-segment 4, rollouts 3 and 4; with 8, pairs 2 and 4) explores with
     this rho instead, so every batch probes both the slow part of the steer, where the tracking is won, and its
     step-to-step part, where the jerk is. Each rollout's noise stays one AR(1) process, so its likelihood ratio
-    stays exact. None: every rollout uses --noise-correlation"""
+    stays exact. None: every rollout uses --noise-correlation (measured with 0.5, 200 held-out synthetic
+    segments, seed 1: 51.87, 51.06, 51.33 at 1M, 2M, 4M; with --gamma 0.95 52.36, 51.08, 50.84, best 50.79 at
+    3M, its jerk flat to 2M. Half the rollouts probing slowly halves what a batch learns of the tracking, and
+    the jerk's climb starts later, not never: the plateau is the defaults' one, reached later)"""
     noise_logprob: Literal["conditioned", "joint"] = "joint"
     """correlated noise's log-probability in the PPO ratio. joint: the AR(1) process's own density, the
     carried-over part rho * (previous action - previous mean) recomputed under the policy being updated (the
