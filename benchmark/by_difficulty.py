@@ -21,7 +21,7 @@ import tinyphysics_env as te
 
 @dataclasses.dataclass
 class Args:
-    checkpoints: tuple[str, ...]
+    checkpoints: tyro.conf.Positional[tuple[str, ...]]
     """checkpoint files written by ppo_lateral.py; the first is the reference"""
     eval_data_path: str | None = None
     """held-out segments to score on (else as ppo_lateral_eval.py finds data)"""
