@@ -128,9 +128,9 @@ class Args:
     this rho instead, so every batch probes both the slow part of the steer, where the tracking is won, and its
     step-to-step part, where the jerk is. Each rollout's noise stays one AR(1) process, so its likelihood ratio
     stays exact. None: every rollout uses --noise-correlation (measured with 0.5, 200 held-out synthetic
-    segments, seed 1: 51.87, 51.06, 51.33 at 1M, 2M, 4M; with --gamma 0.95 52.36, 51.08, 50.84, best 50.79 at
-    3M, its jerk flat to 2M. Half the rollouts probing slowly halves what a batch learns of the tracking, and
-    the jerk's climb starts later, not never: the plateau is the defaults' one, reached later)"""
+    segments: seed 1, 51.87, 51.05, 51.33 at 1M, 2M, 4M; with --gamma 0.95, seeds 1 and 2, 52.37, 51.19, 50.76,
+    each longer run lower and the lowest 4M mean of any recipe, but 1.6 above the defaults at 1M: half the
+    rollouts probing slowly learn the tracking more slowly, and the jerk's climb comes later, not never)"""
     noise_logprob: Literal["conditioned", "joint"] = "joint"
     """correlated noise's log-probability in the PPO ratio. joint: the AR(1) process's own density, the
     carried-over part rho * (previous action - previous mean) recomputed under the policy being updated (the
@@ -172,7 +172,8 @@ class Args:
     On the present defaults, 200 held-out synthetic segments, seeds 1 and 2: 0.95 51.10 at 1M, 50.83 at 2M,
     50.99 at 4M (median 39.88 there) against 0.9's 50.76 and 51.25 at 1M and 2M (51.62 at 4M, seed 1); 0.97,
     seed 1, 51.57, 51.64. The jerk climbs at the same pace under each, so the late turn is not the horizon's;
-    0.95 keeps improving the tracking longer but misses the 1M headline: 51.04 over seeds 1-3 against 50.79)"""
+    0.95 keeps improving the tracking longer but misses the 1M headline: 51.04 over seeds 1-3 against 50.79;
+    seed 2 run on to 16M: 50.78 at 4M, 50.65 at 8M, 50.43 at 16M, median 39.46)"""
     gae_lambda: float = 1.0
     """GAE lambda. 1: the advantage is the discounted return (minus V(s_t) with --value-baseline), so the
     critic, which explains little here, biases it only through the bootstrap at the rollout's end (measured
