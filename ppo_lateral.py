@@ -806,7 +806,8 @@ class RewardNormalizer:
 
 
 # --- The clipped PPO loss -----------------------------------------------------------------------
-def joint_noise_offsets(agent: Agent, noise_offsets, prev_obs, prev_actions, carried, noise_correlation):
+def joint_noise_offsets(agent: Agent, noise_offsets, prev_obs, prev_actions, carried,
+                        noise_correlation: float | torch.Tensor):
     """The carried-over part of correlated noise under the current policy, rho * (a_{t-1} - mean(s_{t-1})),
     where a step carried noise from an earlier step of its rollout; elsewhere the stored offset. rho: a
     number, or one per step [B, 1]."""
@@ -825,7 +826,7 @@ def steer_change_penalty(agent: Agent, obs, prev_obs, carried) -> torch.Tensor:
 
 def ppo_loss(agent: Agent, obs, actions, noise_offsets, logprobs, advantages, returns, values, clip_coef: float,
              norm_adv: bool, clip_vloss: bool, ent_coef: float, vf_coef: float, previous: tuple | None = None,
-             noise_correlation=0.0, joint: bool = True, smooth_coef: float = 0.0):
+             noise_correlation: float | torch.Tensor = 0.0, joint: bool = True, smooth_coef: float = 0.0):
     """previous: (prev_obs, prev_actions, carried), for --noise-logprob joint and --smooth-coef."""
     if joint and previous is not None:
         noise_offsets = joint_noise_offsets(agent, noise_offsets, *previous, noise_correlation)
