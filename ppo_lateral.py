@@ -933,19 +933,19 @@ def batch_noise_correlations(args: Args, buf: dict) -> torch.Tensor:
     return rho.expand(num_steps, num_envs, 1).reshape(-1, 1)
 
 
-def exploration_actions(agent: Agent, obs: torch.Tensor, previous_noise: torch.Tensor,
-                        args: Args) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def exploration_actions(agent: Agent, obs: torch.Tensor, previous_noise: torch.Tensor, rho: float | torch.Tensor,
+                        antithetic: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Policy samples under --antithetic-noise (environments 2j and 2j+1 get opposite fresh noise around
-    their own means) and --noise-correlation (each environment's noise carries rho times its previous
-    step's); returns the actions, the carried-over noise offsets their log-probability is conditioned on,
-    and this step's noise."""
+    their own means) and correlated noise (each environment's noise carries rho times its previous step's;
+    rho: a number, or one per environment [num_envs, 1]); returns the actions, the carried-over noise
+    offsets their log-probability is conditioned on, and this step's noise."""
     mean = agent.actor_mean(agent.normalize(obs))
-    if args.antithetic_noise:
+    if antithetic:
         half = torch.randn((len(obs) // 2, 1), device=obs.device)
         fresh = torch.stack([half, -half], dim=1).reshape(len(obs), 1)
     else:
         fresh = torch.randn_like(mean)
-    offsets = noise_correlations(args, len(obs), obs.device) * previous_noise
+    offsets = rho * previous_noise
     noise = offsets + agent.actor_logstd.exp() * fresh
     return mean + noise, offsets, noise
 
@@ -956,12 +956,13 @@ def rollout(agent: Agent, policy_step: Callable, envs: te.TinyPhysicsVectorEnv, 
     """Step every environment num_steps times with the stochastic policy, filling buf; returns the next
     observation, done flags and exploration noise, and the costs of the episodes that ended."""
     device, episode_costs = next_obs.device, []
+    rho = noise_correlations(args, len(next_obs), device)
     for step in range(args.num_steps):
         buf["obs"][step], buf["dones"][step] = next_obs, next_done
         with torch.no_grad(), autocast:
             if args.antithetic_noise or args.noise_correlation:
                 noise = noise * (1.0 - next_done)[:, None]  # a new episode starts its noise afresh
-                action, offsets, noise = exploration_actions(agent, next_obs, noise, args)
+                action, offsets, noise = exploration_actions(agent, next_obs, noise, rho, args.antithetic_noise)
                 action, logprob, _, value = policy_step(next_obs, action, offsets)
                 buf["noise_offsets"][step] = offsets.float()
             else:

@@ -585,8 +585,7 @@ def test_antithetic_pairs_mirror_their_noise():
     obs = torch.as_tensor(np.random.default_rng(0).normal(0, 1, (8, te.OBS_DIM)), dtype=torch.float32)
     obs = obs.repeat_interleave(2, dim=0)  # pairs share a state, as copies of one segment do at the start
     with torch.no_grad():
-        actions, offsets, noise = pl.exploration_actions(agent, obs, torch.zeros((16, 1)),
-                                                          _exploration_args(antithetic_noise=True))
+        actions, offsets, noise = pl.exploration_actions(agent, obs, torch.zeros((16, 1)), 0.0, antithetic=True)
         mean = agent.actor_mean(agent.normalize(obs))
     np.testing.assert_allclose((actions - mean).numpy(), noise.numpy(), atol=1e-6)
     assert not offsets.any()
@@ -601,12 +600,12 @@ def test_correlated_noise_is_ar1_with_the_policys_fresh_std():
     rho, steps, envs = 0.8, 400, 256
     agent = pl.Agent(te.OBS_DIM, 16, "residual", 0.25, init_logstd=-1.0)
     obs = torch.zeros((envs, te.OBS_DIM))
-    args, noise, trace = _exploration_args(noise_correlation=rho), torch.zeros((envs, 1)), []
+    noise, trace = torch.zeros((envs, 1)), []
     torch.manual_seed(0)
     with torch.no_grad():
         for _ in range(steps):
             previous = noise
-            actions, offsets, noise = pl.exploration_actions(agent, obs, previous, args)
+            actions, offsets, noise = pl.exploration_actions(agent, obs, previous, rho, antithetic=False)
             trace.append(noise[:, 0].numpy().copy())
             np.testing.assert_allclose(offsets.numpy(), rho * previous.numpy(), rtol=1e-6)
         _, logprob, _, _ = agent.get_action_and_value(obs, actions, offsets)
@@ -648,11 +647,12 @@ def test_joint_noise_logprob_is_the_ar1_process_density_under_the_new_policy(fas
     buf["obs"] = torch.randn((steps, envs, te.OBS_DIM))
     buf["dones"][12, 1] = buf["dones"][17, 2] = 1.0  # environments 1 and 2 start new episodes
     noise, b_rho = torch.zeros((envs, 1)), pl.batch_noise_correlations(args, buf)
+    env_rho = pl.noise_correlations(args, envs, torch.device("cpu"))
     with torch.no_grad():
         for step in range(steps):
             noise = noise * (1.0 - buf["dones"][step])[:, None]
             buf["actions"][step], buf["noise_offsets"][step], noise = pl.exploration_actions(
-                agent, buf["obs"][step], noise, args)
+                agent, buf["obs"][step], noise, env_rho, args.antithetic_noise)
         previous = [x.reshape(steps * envs, -1) for x in pl.previous_steps(buf)]
         flat = {k: buf[k].reshape(steps * envs, -1) for k in ("obs", "actions", "noise_offsets")}
         unchanged = pl.joint_noise_offsets(agent, flat["noise_offsets"], *previous, b_rho)
@@ -688,10 +688,11 @@ def test_fast_noise_goes_to_each_segments_second_antithetic_pair():
         ([0.8] * 2 + [0.3] * 2) * 4)
     agent = pl.Agent(te.OBS_DIM, 16, "residual", 0.25, init_logstd=-1.0)
     obs, noise, trace = torch.zeros((512, te.OBS_DIM)), torch.zeros((512, 1)), []
+    rho_env = pl.noise_correlations(args, 512, obs.device)
     torch.manual_seed(0)
     with torch.no_grad():
         for _ in range(300):
-            _, _, noise = pl.exploration_actions(agent, obs, noise, args)
+            _, _, noise = pl.exploration_actions(agent, obs, noise, rho_env, antithetic=True)
             trace.append(noise[:, 0].numpy().copy())
     trace, fast = np.array(trace[100:]), np.arange(512) % 4 >= 2
     for rho, envs in ((0.8, ~fast), (0.3, fast)):
