@@ -14,6 +14,7 @@ import dataclasses
 
 import numpy as np
 import tyro
+from common import scoring_inputs
 
 import ppo_lateral as pl
 import tinyphysics_env as te
@@ -54,20 +55,18 @@ def main(args: Args) -> None:
         raise te.TinyPhysicsError(f"{len(args.checkpoints)} checkpoints, --segments {args.segments}, --groups "
                                   f"{args.groups}: need 2 or more checkpoints and at least one segment per group")
     agents = [pl.load_agent(path)[0] for path in args.checkpoints]
-    segments = te.load_segments(te.resolve_data_path(args.eval_data_path), progress=False)
-    segments = segments.subset(np.arange(min(args.segments, len(segments))))
-    model = te.load_sim_model(te.resolve_model_path(args.sim_model_path), threads=args.threads)
+    segments, model = scoring_inputs(args.eval_data_path, args.segments, args.sim_model_path, args.threads)
     costs = [pl.evaluate(agent, model, segments) for agent in agents]
     reference = costs[0]
     print(f"{len(segments)} segments; reference {args.checkpoints[0]}: mean {reference['total_cost'].mean():.2f}, "
           f"median {np.median(reference['total_cost']):.2f}")
     print("| checkpoint | group (reference cost) | total | jerk | lataccel x 50 | better |")
     print("|---|---|---:|---:|---:|---:|")
-    everything = np.arange(len(segments))
+    named = [(f"{i + 1} of {args.groups} ({reference['total_cost'][g].mean():.1f})", g)
+             for i, g in enumerate(difficulty_groups(reference["total_cost"], args.groups))]
+    named.append(("all", np.arange(len(segments))))
     for path, later in zip(args.checkpoints[1:], costs[1:]):
-        named = [(f"{i + 1} of {args.groups} ({reference['total_cost'][g].mean():.1f})", g)
-                 for i, g in enumerate(difficulty_groups(reference["total_cost"], args.groups))]
-        for name, group in [*named, ("all", everything)]:
+        for name, group in named:
             c = changes(reference, later, group)
             print(f"| {path} | {name} | {c['total']:+.3f} | {c['jerk']:+.3f} | {c['lataccel']:+.3f} | "
                   f"{c['better']:.0%} |")

@@ -37,3 +37,11 @@ def median_training_sps(run_dir: Path) -> float:
     """Median per-iteration SPS of a ppo_lateral.py run, skipping row 0 (the start) and row 1 (warm-up)."""
     with np.load(run_dir / "training_stats.npz") as stats:
         return float(np.median(stats["sps"][2:]))
+
+
+def scoring_inputs(eval_data_path: str | None, count: int, sim_model_path: str | None,
+                   threads: int) -> tuple[te.Segments, te.SimModel]:
+    """The first `count` held-out segments (found as ppo_lateral_eval.py finds data) and the simulator model."""
+    segments = te.load_segments(te.resolve_data_path(eval_data_path), progress=False)
+    segments = segments.subset(np.arange(min(count, len(segments))))
+    return segments, te.load_sim_model(te.resolve_model_path(sim_model_path), threads=threads)

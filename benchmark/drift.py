@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import tyro
+from common import scoring_inputs
 
 import ppo_lateral as pl
 import tinyphysics_env as te
@@ -73,9 +74,7 @@ def main(args: Args) -> None:
         raise te.TinyPhysicsError(f"--segments {args.segments}, --trials {args.trials}: need at least 1 segment "
                                   "and 0 or more trials")
     steps, states, config = checkpoint_states(Path(args.run_dir), args.start_step)
-    segments = te.load_segments(te.resolve_data_path(args.eval_data_path), progress=False)
-    segments = segments.subset(np.arange(min(args.segments, len(segments))))
-    model = te.load_sim_model(te.resolve_model_path(args.sim_model_path), threads=args.threads)
+    segments, model = scoring_inputs(args.eval_data_path, args.segments, args.sim_model_path, args.threads)
 
     def score(label: str, state: State) -> None:
         agent = pl.Agent(**config)

@@ -2,6 +2,7 @@
 
 import importlib.util
 import os
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -31,7 +32,11 @@ def assets() -> Path:
 
 @pytest.fixture(scope="session")
 def benchmark_script():
-    """Loads a script of benchmark/ (not a package) as a module, by name."""
+    """Loads a script of benchmark/ (not a package) as a module, by name, with benchmark/ importable as
+    running the script makes it (for its shared `common`)."""
+    if str(ROOT / "benchmark") not in sys.path:
+        sys.path.insert(0, str(ROOT / "benchmark"))
+
     def load(name: str):
         spec = importlib.util.spec_from_file_location(name, ROOT / "benchmark" / f"{name}.py")
         module = importlib.util.module_from_spec(spec)
