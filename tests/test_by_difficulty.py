@@ -28,7 +28,9 @@ def test_changes_by_hand(by_difficulty):
     assert c == pytest.approx({"total": 1.0, "jerk": 0.5, "lataccel": 50 * 0.01, "better": 0.5})
 
 
-def test_by_difficulty_runs_end_to_end(by_difficulty, tmp_path, real_data, model_path, capsys):
+@pytest.fixture
+def residual_checkpoints(tmp_path):
+    """A pid_ff residual policy at its step-0 weights (the teacher itself) and one moved away from them."""
     paths = []
     for name, std in (("teacher", 0.0), ("moved", 0.02)):
         torch.manual_seed(0)
@@ -36,6 +38,11 @@ def test_by_difficulty_runs_end_to_end(by_difficulty, tmp_path, real_data, model
         torch.nn.init.normal_(agent.actor_mean[4].weight, std=std)
         paths.append(tmp_path / f"{name}.pt")
         pl.save_checkpoint(pl.policy_checkpoint(agent), paths[-1])
+    return paths
+
+
+def test_by_difficulty_runs_end_to_end(by_difficulty, residual_checkpoints, real_data, model_path, capsys):
+    paths = residual_checkpoints
     by_difficulty.main(by_difficulty.Args(checkpoints=tuple(map(str, paths)), eval_data_path=str(real_data),
                                           segments=4, groups=2, sim_model_path=str(model_path)))
     rows = [line.split("|") for line in capsys.readouterr().out.splitlines() if line.startswith(f"| {paths[1]}")]
@@ -45,6 +52,19 @@ def test_by_difficulty_runs_end_to_end(by_difficulty, tmp_path, real_data, model
     costs = [pl.evaluate(pl.load_agent(p)[0], model, segments)["total_cost"] for p in paths]
     assert float(rows[2][3]) == pytest.approx(costs[1].mean() - costs[0].mean(), abs=1e-3)
     assert float(rows[2][3]) != 0.0
+
+
+def test_a_controller_can_be_the_reference(by_difficulty, residual_checkpoints, real_data, model_path, capsys):
+    """pid_ff scored as a controller against its own residual policy at step 0: no segment changes."""
+    teacher = residual_checkpoints[0]
+    by_difficulty.main(by_difficulty.Args(checkpoints=("pid_ff", str(teacher)), eval_data_path=str(real_data),
+                                          segments=4, groups=2, sim_model_path=str(model_path)))
+    out = capsys.readouterr().out
+    assert "reference pid_ff: mean" in out
+    rows = [line.split("|") for line in out.splitlines() if line.startswith(f"| {teacher}")]
+    assert len(rows) == 4
+    assert all(float(r[3]) == 0.0 for r in rows)
+    assert [r[6].strip() for r in rows[:3]] == ["0%"] * 3
 
 
 def test_one_checkpoint_is_refused_before_any_work(by_difficulty):
