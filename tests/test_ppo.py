@@ -575,10 +575,6 @@ def test_tanh_policy_log_probability_is_the_squashed_density():
                                   pl.teacher_steer(fresh.teacher_params, obs.double().numpy()))
 
 
-def _exploration_args(**kw):
-    return pl.Args(**{"antithetic_noise": False, "noise_correlation": 0.0, **kw})
-
-
 def test_antithetic_pairs_mirror_their_noise():
     agent = pl.Agent(te.OBS_DIM, 16, "delta", 0.25, init_logstd=-1.0)
     torch.nn.init.normal_(agent.actor_mean[-1].weight, std=0.5)
@@ -638,7 +634,7 @@ def test_joint_noise_logprob_is_the_ar1_process_density_under_the_new_policy(fas
     n_{t-1} (restarting where an episode starts), each environment with its own rho under
     --fast-noise-correlation; the conditioned log-probabilities are not."""
     steps, envs = 30, 8
-    args = _exploration_args(noise_correlation=0.8, fast_noise_correlation=fast, antithetic_noise=fast is not None)
+    args = pl.Args(noise_correlation=0.8, fast_noise_correlation=fast, antithetic_noise=fast is not None)
     rho = np.where(np.arange(envs) % 4 >= 2, 0.8 if fast is None else fast, 0.8)  # the second pair of each 4
     torch.manual_seed(0)
     agent = pl.Agent(te.OBS_DIM, 16, "residual", 0.25, init_logstd=-1.0)
@@ -680,7 +676,7 @@ def test_noise_correlation_outside_0_1_is_refused(rho):
 def test_fast_noise_goes_to_each_segments_second_antithetic_pair():
     """--fast-noise-correlation: with K=4 rollouts of a segment, rollouts 3 and 4 (one antithetic pair) carry
     the fast rho; with K=8, pairs 2 and 4. Each environment's noise is the AR(1) process of its own rho."""
-    args = _exploration_args(noise_correlation=0.8, fast_noise_correlation=0.3, antithetic_noise=True)
+    args = pl.Args(noise_correlation=0.8, fast_noise_correlation=0.3, antithetic_noise=True)
     assert pl.noise_correlations(args, 8, torch.device("cpu"))[:, 0].tolist() == pytest.approx([0.8] * 2 + [0.3] * 2
                                                                                             + [0.8] * 2 + [0.3] * 2)
     args8 = dataclasses.replace(args, samples_per_segment=8)
@@ -688,11 +684,11 @@ def test_fast_noise_goes_to_each_segments_second_antithetic_pair():
         ([0.8] * 2 + [0.3] * 2) * 4)
     agent = pl.Agent(te.OBS_DIM, 16, "residual", 0.25, init_logstd=-1.0)
     obs, noise, trace = torch.zeros((512, te.OBS_DIM)), torch.zeros((512, 1)), []
-    rho_env = pl.noise_correlations(args, 512, obs.device)
+    env_rho = pl.noise_correlations(args, 512, obs.device)
     torch.manual_seed(0)
     with torch.no_grad():
         for _ in range(300):
-            _, _, noise = pl.exploration_actions(agent, obs, noise, rho_env, antithetic=True)
+            _, _, noise = pl.exploration_actions(agent, obs, noise, env_rho, antithetic=True)
             trace.append(noise[:, 0].numpy().copy())
     trace, fast = np.array(trace[100:]), np.arange(512) % 4 >= 2
     for rho, envs in ((0.8, ~fast), (0.3, fast)):
