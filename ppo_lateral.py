@@ -173,9 +173,8 @@ class Args:
     50.99 at 4M (median 39.88 there) against 0.9's 50.76 and 51.25 at 1M and 2M (51.70 at 4M); 0.97,
     seed 1, 51.57, 51.64. 0.95 keeps improving the tracking past 1M, where 0.9 stops, but misses the 1M
     headline: 51.04 over seeds 1-3 against 50.79; at 4M, seeds 1-3, 50.87 against 0.9's 51.70: for budgets of
-    4M or more pass 0.95;
-    both seeds run on to 16M: 50.90 at 8M, 50.77 at 16M (0.929x the teacher), median 39.85, seed 1 alone 51.10
-    at 16M against 51.08 at 1M)"""
+    4M or more pass 0.95; seeds 1 and 2 run on to 16M: 50.90 at 8M, 50.77 at 16M (0.929x the teacher), median
+    39.85, seed 1 alone 51.10 at 16M against 51.08 at 1M)"""
     gae_lambda: float = 1.0
     """GAE lambda. 1: the advantage is the discounted return (minus V(s_t) with --value-baseline), so the
     critic, which explains little here, biases it only through the bootstrap at the rollout's end (measured
