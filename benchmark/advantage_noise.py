@@ -39,8 +39,8 @@ def main(args: pl.Args) -> None:
     captured = []
     compute = pl.advantages_and_returns
 
-    def capturing(agent, buf, next_obs, next_done, run_args):
-        advantages, returns = compute(agent, buf, next_obs, next_done, run_args)
+    def capturing(agent, buf, next_obs, next_done, gamma, run_args):
+        advantages, returns = compute(agent, buf, next_obs, next_done, gamma, run_args)
         captured.append(returns[:-TAIL].cpu().numpy())
         return advantages, returns
 

@@ -65,7 +65,7 @@ def test_tiny_run_writes_every_artifact(default_run, model_path, real_data):
     events.Reload()
     scalars = set(events.Tags()["scalars"])
     for tag in ("charts/SPS", "charts/learning_rate", "losses/policy_loss", "losses/value_loss", "losses/entropy",
-                "losses/approx_kl", "losses/clipfrac", "losses/explained_variance", "eval/total_cost",
+                "losses/approx_kl", "losses/clipfrac", "losses/explained_variance", "eval/total_cost", "charts/gamma",
                 "eval/lataccel_cost", "eval/jerk_cost", "bc/actor_mse"):
         assert tag in scalars, tag
     assert any("hyperparameters" in t for t in events.Tags()["tensors"])
@@ -219,6 +219,7 @@ def _cli(tmp_path, *flags, **kwargs):
      "--no-antithetic-noise, or use K >= 2"),
     (["--no-segment-baseline"], "leaves the advantage without a baseline; add --value-baseline"),
     (["--residual-scale", "0"], "--residual-scale 0.0: must be positive"),
+    (["--late-gamma", "1.5"], "--late-gamma 1.5: must be in (0, 1]"),
     (["--samples-per-segment", "1", "--no-segment-baseline", "--no-common-noise", "--antithetic-noise"],
      "must be even"),
 ])
@@ -408,10 +409,10 @@ def test_advantages_without_the_value_baseline_by_hand():
     agent = pl.Agent(te.OBS_DIM, 8, "residual", 0.25)
     next_obs, next_done = torch.zeros(2, te.OBS_DIM), torch.ones(2)
     returns = np.array([[1.0 + 0.5 * 2.0, 3.0 + 0.5 * 0.0], [2.0, 0.0]])
-    args = dict(samples_per_segment=2, segment_norm=False, gamma=0.5, gae_lambda=1.0)
-    with_v, target = pl.advantages_and_returns(agent, buf, next_obs, next_done,
+    args = dict(samples_per_segment=2, segment_norm=False, gae_lambda=1.0)
+    with_v, target = pl.advantages_and_returns(agent, buf, next_obs, next_done, 0.5,
                                                pl.Args(**args, value_baseline=True))
-    without_v, same_target = pl.advantages_and_returns(agent, buf, next_obs, next_done,
+    without_v, same_target = pl.advantages_and_returns(agent, buf, next_obs, next_done, 0.5,
                                                        pl.Args(**args, value_baseline=False))
     np.testing.assert_allclose(target.numpy(), returns)
     np.testing.assert_allclose(same_target.numpy(), returns)  # the critic's target does not change
@@ -444,12 +445,40 @@ def test_learning_rate_schedules(tiny):
     assert pl.learning_rate_at(3, 4, inverse) == pl.learning_rate_at(3, 40, inverse)  # whatever the budget
 
 
+def test_late_gamma_switches_the_discount_at_its_step(default_run, tiny):
+    """The tiny run's rollouts start at steps 0, 80, 160, 240. A switch from step 0 trains as a run with that
+    gamma, one past the budget as the default run, one at 160 as neither; the discount used is logged."""
+    late = tiny(late_gamma=0.95, late_gamma_from=160)
+    assert [pl.gamma_at(step, late) for step in (0, 80, 159, 160, 240)] == [0.9, 0.9, 0.9, 0.95, 0.95]
+    assert pl.gamma_at(10**9, tiny(late_gamma=None)) == 0.9
+
+    def final(run: Path) -> dict:
+        return _weights(run / "final_model.pt")
+
+    def same(a: dict, b: dict) -> bool:
+        return all(torch.equal(v, b[k]) for k, v in a.items())
+
+    # without the warm start, whose critic learns --gamma's returns
+    throughout = final(pl.train(tiny(gamma=0.95, exp_name="g95", eval_every=10**9, bc_segments=0)))
+    assert same(final(pl.train(tiny(late_gamma=0.95, late_gamma_from=0, exp_name="from0", eval_every=10**9,
+                                    bc_segments=0))), throughout)
+    assert same(final(pl.train(tiny(late_gamma=0.95, late_gamma_from=320, exp_name="never", eval_every=10**9))),
+                final(default_run))
+    switched_run = pl.train(dataclasses.replace(late, exp_name="switched", eval_every=10**9))
+    switched = final(switched_run)
+    assert not same(switched, throughout) and not same(switched, final(default_run))
+    events = EventAccumulator(str(switched_run))
+    events.Reload()
+    assert [e.value for e in events.Scalars("charts/gamma")] == pytest.approx([0.9, 0.9, 0.95, 0.95])
+
+
 def test_resume_is_exact_with_the_new_options(tiny):
     options = dict(action_mode="residual", samples_per_segment=4, common_noise=True, segment_baseline=True,
                    segment_norm=True, norm_reward=True, lr_schedule="cosine", critic_hidden=24, policy_dist="tanh",
                    antithetic_noise=True, noise_correlation=0.5, fast_noise_correlation=0.2, segment_norm_power=0.5,
                    noise_logprob="joint", learn_logstd=False, pair_baseline=True, smooth_coef=10.0,
-                   final_logstd=-4.5, ema_decay=0.5, jerk_weight=1.5, adam_beta1=0.95, anchor_decay=100.0)
+                   final_logstd=-4.5, ema_decay=0.5, jerk_weight=1.5, adam_beta1=0.95, anchor_decay=100.0,
+                   late_gamma=0.8, late_gamma_from=400)  # the switch falls after the resume
     full = pl.train(tiny(total_timesteps=640, checkpoint_every=240, eval_every=10**9, **options))
     checkpoint = torch.load(full / "checkpoints" / "checkpoint_240.pt", weights_only=False)
     assert checkpoint["optimizer"]["param_groups"][0]["betas"] == (0.95, 0.999)
