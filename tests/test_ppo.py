@@ -451,6 +451,7 @@ def test_late_gamma_switches_the_discount_at_its_step(default_run, tiny):
     late = tiny(late_gamma=0.95, late_gamma_from=160)
     assert [pl.gamma_at(step, late) for step in (0, 80, 159, 160, 240)] == [0.9, 0.9, 0.9, 0.95, 0.95]
     assert pl.gamma_at(10**9, tiny(late_gamma=None)) == 0.9
+    assert pl.gamma_at(999_999, tiny()) == 0.9 and pl.gamma_at(1_000_000, tiny()) == 0.95  # the defaults
 
     def final(run: Path) -> dict:
         return _weights(run / "final_model.pt")
