@@ -175,16 +175,18 @@ class Args:
     misses the 1M headline: 51.04 over seeds 1-3 against 50.79; at 4M, seeds 1-3, 50.87 against 0.9's 51.70,
     hence --late-gamma; seeds 1-3 run on to 16M: 50.83 at 8M, 50.69 at 16M (0.927x the teacher), seed 1 alone
     51.10 at 16M against 51.08 at 1M)"""
-    late_gamma: float | None = 0.95
-    """from step --late-gamma-from on, discount with this instead of --gamma: the short horizon learns fastest
-    to 1M and then stops buying tracking, the longer one keeps buying it (None: --gamma throughout). The switch
-    depends on the step, not the budget, so a longer run still continues a shorter one, and the 1M headline's
-    last rollout starts before it (measured, 200 held-out synthetic segments, seeds 1-3: at 4M, 50.11, or 50.73
-    with seed 3's standing car at its usual 458 instead of 85 (median 40.63, real 38.11), against 0.9
-    throughout 51.70 (seeds 1 and 2; median 41.13, real 39.75) and 0.95 throughout 50.87 (median 40.38, real
-    38.13); seed 1 run on to 16M: 50.83, 50.79, 50.67 at 1M, 4M, 16M, best 50.42 at 7.5M)"""
-    late_gamma_from: int = 1_000_000
-    """the step from which --late-gamma discounts (the first rollout that starts at or after it)"""
+    late_gamma: tuple[float, ...] = (0.95,)
+    """from the steps in --late-gamma-from on, discount with these instead of --gamma, one per step (none:
+    --gamma throughout): the short horizon learns fastest to 1M and then stops buying tracking, the longer one
+    keeps buying it. The switch depends on the step, not the budget, so a longer run still continues a
+    shorter one, and the 1M headline's last rollout starts before it (measured, 200 held-out synthetic
+    segments, seeds 1-3: at 4M, 50.11, or 50.73 with seed 3's standing car at its usual 458 instead of 85
+    (median 40.63, real 38.11), against 0.9 throughout 51.70 (seeds 1 and 2; median 41.13, real 39.75) and
+    0.95 throughout 50.87 (median 40.38, real 38.13); seed 1 run on to 16M: 50.83, 50.79, 50.67 at 1M, 4M,
+    16M, best 50.42 at 7.5M)"""
+    late_gamma_from: tuple[int, ...] = (1_000_000,)
+    """the steps, in increasing order, from which each --late-gamma discounts (the first rollout that starts
+    at or after it)"""
     gae_lambda: float = 1.0
     """GAE lambda. 1: the advantage is the discounted return (minus V(s_t) with --value-baseline), so the
     critic, which explains little here, biases it only through the bootstrap at the rollout's end (measured
@@ -340,6 +342,7 @@ class Args:
 
 def validate(args: Args, world: int = 1) -> None:
     """Refuse bad arguments before any work, with a one-line reason each (world: processes under torchrun)."""
+    late_gammas, late_froms = " ".join(map(str, args.late_gamma)), " ".join(map(str, args.late_gamma_from))
     checks = [
         (args.extend_to is None or args.resume, "--extend-to continues a run: add --resume "
                                                  "runs/<run>/checkpoints/checkpoint_<step>.pt"),
@@ -396,8 +399,11 @@ def validate(args: Args, world: int = 1) -> None:
         (args.lr_decay_steps >= 1, f"--lr-decay-steps {args.lr_decay_steps}: need at least 1"),
         (0 <= args.final_lr_fraction <= 1, f"--final-lr-fraction {args.final_lr_fraction}: must be in [0, 1]"),
         (0 < args.gamma <= 1 and 0 <= args.gae_lambda <= 1, "--gamma must be in (0, 1] and --gae-lambda in [0, 1]"),
-        (args.late_gamma is None or 0 < args.late_gamma <= 1, f"--late-gamma {args.late_gamma}: must be in (0, 1]"),
-        (args.late_gamma_from >= 0, f"--late-gamma-from {args.late_gamma_from}: cannot be negative"),
+        (all(0 < g <= 1 for g in args.late_gamma), f"--late-gamma {late_gammas}: each must be in (0, 1]"),
+        (len(args.late_gamma) == len(args.late_gamma_from),
+         f"--late-gamma {late_gammas} --late-gamma-from {late_froms}: give one step for each discount"),
+        (list(args.late_gamma_from) == sorted(set(args.late_gamma_from)) and min(args.late_gamma_from, default=0) >= 0,
+         f"--late-gamma-from {late_froms}: the steps must be increasing and not negative"),
         (args.synthetic_train >= 0 and args.bc_segments >= 0, "--synthetic-train and --bc-segments cannot be negative"),
     ]
     for ok, message in checks:
@@ -920,8 +926,11 @@ def learning_rate_at(iteration: int, num_iterations: int, args: Args) -> float:
 
 def gamma_at(global_step: int, args: Args) -> float:
     """The discount of the rollout that starts at global_step (see --late-gamma)."""
-    late = args.late_gamma is not None and global_step >= args.late_gamma_from
-    return args.late_gamma if late else args.gamma
+    gamma = args.gamma
+    for late, start in zip(args.late_gamma, args.late_gamma_from):
+        if global_step >= start:
+            gamma = late
+    return gamma
 
 
 def logstd_at(iteration: int, num_iterations: int, args: Args) -> float:
@@ -1115,13 +1124,18 @@ FLAGS_BEFORE_THEY_EXISTED = {"noise_correlation": 0.0, "segment_norm_power": 1.0
                              "value_baseline": True, "pair_baseline": False, "smooth_coef": 0.0,
                              "final_logstd": None, "ema_decay": 0.0,
                              "jerk_weight": 1.0, "adam_beta1": 0.9, "anchor_decay": 0.0,
-                             "lr_decay_steps": 500_000, "late_gamma": None}
+                             "lr_decay_steps": 500_000, "late_gamma": (), "late_gamma_from": ()}
 
 
 def saved_args(checkpoint: dict, **overrides) -> Args:
     """The arguments a checkpoint's run trained with (a flag newer than the checkpoint takes the value that
     reproduces the run, not today's default), with overrides."""
-    return Args(**{**FLAGS_BEFORE_THEY_EXISTED, **checkpoint["args"], **overrides})
+    saved = {**FLAGS_BEFORE_THEY_EXISTED, **checkpoint["args"]}
+    if not isinstance(saved["late_gamma"], (tuple, list)):  # saved when --late-gamma took one value or None
+        one = saved["late_gamma"] is not None
+        saved["late_gamma"] = (saved["late_gamma"],) if one else ()
+        saved["late_gamma_from"] = (saved.get("late_gamma_from", 0),) if one else ()
+    return Args(**{**saved, **overrides})
 
 
 def extended_budget(checkpoint: dict, extend_to: int | None) -> dict:

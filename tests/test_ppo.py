@@ -219,7 +219,10 @@ def _cli(tmp_path, *flags, **kwargs):
      "--no-antithetic-noise, or use K >= 2"),
     (["--no-segment-baseline"], "leaves the advantage without a baseline; add --value-baseline"),
     (["--residual-scale", "0"], "--residual-scale 0.0: must be positive"),
-    (["--late-gamma", "1.5"], "--late-gamma 1.5: must be in (0, 1]"),
+    (["--late-gamma", "1.5"], "--late-gamma 1.5: each must be in (0, 1]"),
+    (["--late-gamma", "0.95", "0.98"], "--late-gamma 0.95 0.98 --late-gamma-from 1000000: give one step for each"),
+    (["--late-gamma", "0.95", "0.98", "--late-gamma-from", "5", "5"], "--late-gamma-from 5 5: the steps must be "
+                                                                      "increasing"),
     (["--samples-per-segment", "1", "--no-segment-baseline", "--no-common-noise", "--antithetic-noise"],
      "must be even"),
 ])
@@ -447,10 +450,12 @@ def test_learning_rate_schedules(tiny):
 
 def test_late_gamma_switches_the_discount_at_its_step(default_run, tiny):
     """The tiny run's rollouts start at steps 0, 80, 160, 240. A switch from step 0 trains as a run with that
-    gamma, one past the budget as the default run, one at 160 as neither; the discount used is logged."""
-    late = tiny(late_gamma=0.95, late_gamma_from=160)
-    assert [pl.gamma_at(step, late) for step in (0, 80, 159, 160, 240)] == [0.9, 0.9, 0.9, 0.95, 0.95]
-    assert pl.gamma_at(10**9, tiny(late_gamma=None)) == 0.9
+    gamma, one past the budget as the default run, switches at 160 and 240 as neither; the discount used is
+    logged."""
+    late = tiny(late_gamma=(0.95, 0.98), late_gamma_from=(160, 240))
+    assert [pl.gamma_at(step, late) for step in (0, 80, 159, 160, 239, 240, 10**9)] == \
+        [0.9, 0.9, 0.9, 0.95, 0.95, 0.98, 0.98]
+    assert pl.gamma_at(10**9, tiny(late_gamma=(), late_gamma_from=())) == 0.9
     assert pl.gamma_at(999_999, tiny()) == 0.9 and pl.gamma_at(1_000_000, tiny()) == 0.95  # the defaults
 
     def final(run: Path) -> dict:
@@ -461,16 +466,16 @@ def test_late_gamma_switches_the_discount_at_its_step(default_run, tiny):
 
     # without the warm start, whose critic learns --gamma's returns
     throughout = final(pl.train(tiny(gamma=0.95, exp_name="g95", eval_every=10**9, bc_segments=0)))
-    assert same(final(pl.train(tiny(late_gamma=0.95, late_gamma_from=0, exp_name="from0", eval_every=10**9,
+    assert same(final(pl.train(tiny(late_gamma=(0.95,), late_gamma_from=(0,), exp_name="from0", eval_every=10**9,
                                     bc_segments=0))), throughout)
-    assert same(final(pl.train(tiny(late_gamma=0.95, late_gamma_from=320, exp_name="never", eval_every=10**9))),
-                final(default_run))
+    assert same(final(pl.train(tiny(late_gamma=(0.95,), late_gamma_from=(320,), exp_name="never",
+                                    eval_every=10**9))), final(default_run))
     switched_run = pl.train(dataclasses.replace(late, exp_name="switched", eval_every=10**9))
     switched = final(switched_run)
     assert not same(switched, throughout) and not same(switched, final(default_run))
     events = EventAccumulator(str(switched_run))
     events.Reload()
-    assert [e.value for e in events.Scalars("charts/gamma")] == pytest.approx([0.9, 0.9, 0.95, 0.95])
+    assert [e.value for e in events.Scalars("charts/gamma")] == pytest.approx([0.9, 0.9, 0.95, 0.98])
 
 
 def test_resume_is_exact_with_the_new_options(tiny):
@@ -479,7 +484,7 @@ def test_resume_is_exact_with_the_new_options(tiny):
                    antithetic_noise=True, noise_correlation=0.5, fast_noise_correlation=0.2, segment_norm_power=0.5,
                    noise_logprob="joint", learn_logstd=False, pair_baseline=True, smooth_coef=10.0,
                    final_logstd=-4.5, ema_decay=0.5, jerk_weight=1.5, adam_beta1=0.95, anchor_decay=100.0,
-                   late_gamma=0.8, late_gamma_from=400)  # the switch falls after the resume
+                   late_gamma=(0.8,), late_gamma_from=(400,))  # the switch falls after the resume
     full = pl.train(tiny(total_timesteps=640, checkpoint_every=240, eval_every=10**9, **options))
     checkpoint = torch.load(full / "checkpoints" / "checkpoint_240.pt", weights_only=False)
     assert checkpoint["optimizer"]["param_groups"][0]["betas"] == (0.95, 0.999)
@@ -655,6 +660,20 @@ def test_a_checkpoint_from_before_correlated_noise_resumes_with_white_noise():
     new = dataclasses.asdict(pl.Args(noise_correlation=0.7, segment_norm_power=0.5, noise_logprob="conditioned"))
     resumed = pl.saved_args({"args": new}, resume="r.pt")
     assert (resumed.noise_correlation, resumed.segment_norm_power, resumed.noise_logprob) == (0.7, 0.5, "conditioned")
+
+
+def test_a_checkpoint_from_before_several_late_gammas_resumes_with_its_one_switch():
+    """--late-gamma first took one value (or None, or did not exist); such a run's arguments still load, and
+    discount as they did."""
+    before = dataclasses.asdict(pl.Args())
+    one = pl.saved_args({"args": {**before, "late_gamma": 0.97, "late_gamma_from": 2_000_000}})
+    assert (one.late_gamma, one.late_gamma_from) == ((0.97,), (2_000_000,))
+    assert [pl.gamma_at(s, one) for s in (1_999_999, 2_000_000)] == [0.9, 0.97]
+    none = pl.saved_args({"args": {**before, "late_gamma": None, "late_gamma_from": 1_000_000}})
+    older = pl.saved_args({"args": {k: v for k, v in before.items() if not k.startswith("late_gamma")}})
+    for args in (none, older):
+        assert (args.late_gamma, args.late_gamma_from) == ((), ()) and pl.gamma_at(10**9, args) == 0.9
+        pl.validate(args)
 
 
 @pytest.mark.parametrize("fast", [None, 0.3])
