@@ -18,7 +18,7 @@ import shlex
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -110,6 +110,20 @@ def plot_curves(finished: dict[str, list[dict]], baselines: dict, out: Path) -> 
     fig.savefig(out, dpi=100, bbox_inches="tight")
 
 
+def recipe_flags(checkpoint: dict) -> str:
+    """The flags by which a checkpoint's run differs from the defaults, as the command line takes them
+    (arguments that only place a run left out)."""
+    saved = asdict(pl.saved_args(checkpoint))
+    changed = {k: v for k, v in saved.items() if getattr(pl.Args, k, v) != v and k not in PLUMBING}
+
+    def flag(name: str, value) -> str:
+        name = name.replace("_", "-")
+        if isinstance(value, bool):
+            return f"--{name}" if value else f"--no-{name}"
+        return " ".join([f"--{name}", *map(str, value if isinstance(value, tuple) else [value])])
+    return " ".join(flag(k, v) for k, v in changed.items())
+
+
 def make_record(name: str, run_dir: Path, wall: float, model, sets: dict, teacher: dict) -> dict:
     """A finished run's JSON-lines record: its flags and seed as it saved them, its curve, and its final
     policy scored official-exactly on every set."""
@@ -118,8 +132,7 @@ def make_record(name: str, run_dir: Path, wall: float, model, sets: dict, teache
     with np.load(run_dir / "training_stats.npz") as stats:
         evaluated = np.isfinite(stats["eval_total_cost"])
         curve = np.stack([stats["global_step"][evaluated], stats["eval_total_cost"][evaluated]])
-    changed = {k: v for k, v in checkpoint["args"].items() if getattr(pl.Args, k, v) != v and k not in PLUMBING}
-    return {"variant": name, "flags": " ".join(f"--{k.replace('_', '-')} {v}" for k, v in changed.items()),
+    return {"variant": name, "flags": recipe_flags(checkpoint),
             "seed": checkpoint["args"]["seed"], "run_dir": str(run_dir), "wall_s": wall, "curve": curve.tolist(),
             **{k: summary(v) for k, v in final.items()}, "per_segment_synthetic": final["synthetic"].tolist(),
             "teacher": teacher}

@@ -1,0 +1,39 @@
+import dataclasses
+import shlex
+
+import pytest
+import tyro
+
+import ppo_lateral as pl
+
+
+@pytest.fixture(scope="module")
+def recipes(benchmark_script):
+    return benchmark_script("recipes")
+
+
+@pytest.mark.parametrize("changes", [
+    {},
+    {"gamma": 0.95, "late_gamma": (0.97, 0.98), "late_gamma_from": (2_000_000, 4_000_000), "segment_norm": False,
+     "common_noise": False, "fast_noise_correlation": 0.5, "total_timesteps": 4_000_000, "policy_dist": "tanh"},
+    {"late_gamma": (), "late_gamma_from": (), "final_logstd": -4.5},
+])
+def test_an_adopted_runs_flags_give_back_its_recipe(recipes, changes):
+    """A record's flags, given to the training script, rebuild the run's arguments (except those that only
+    place the run: its seed, data and folders)."""
+    args = pl.Args(seed=7, exp_name="placed", **changes)
+    flags = recipes.recipe_flags({"args": dataclasses.asdict(args)})
+    assert ("--seed" in flags, "--exp-name" in flags) == (False, False)
+    rebuilt = tyro.cli(pl.Args, args=shlex.split(flags))
+    assert dataclasses.replace(rebuilt, seed=7, exp_name="placed") == args
+    assert all(f"--{k.replace('_', '-')}" in flags for k in changes if not isinstance(changes[k], bool))
+
+
+def test_a_run_saved_with_one_late_gamma_reads_as_that_switch(recipes):
+    """Checkpoints from before --late-gamma took several steps saved one value: as the defaults' one switch it
+    adds no flag, as another value it names that one switch."""
+    saved = dataclasses.asdict(pl.Args())
+    assert recipes.recipe_flags({"args": {**saved, "late_gamma": 0.95, "late_gamma_from": 1_000_000}}) == ""
+    assert recipes.recipe_flags({"args": {**saved, "late_gamma": None}}) == "--late-gamma --late-gamma-from"
+    assert recipes.recipe_flags({"args": {**saved, "late_gamma": 0.98, "late_gamma_from": 4_000_000}}) == \
+        "--late-gamma 0.98 --late-gamma-from 4000000"
