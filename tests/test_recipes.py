@@ -30,10 +30,11 @@ def test_an_adopted_runs_flags_give_back_its_recipe(recipes, changes):
 
 
 def test_a_run_saved_with_one_late_gamma_reads_as_that_switch(recipes):
-    """Checkpoints from before --late-gamma took several steps saved one value: as the defaults' one switch it
-    adds no flag, as another value it names that one switch."""
+    """Checkpoints from before --late-gamma took several steps saved one value (or None): they name that one
+    switch (or none), whatever today's defaults."""
     saved = dataclasses.asdict(pl.Args())
-    assert recipes.recipe_flags({"args": {**saved, "late_gamma": 0.95, "late_gamma_from": 1_000_000}}) == ""
+    assert recipes.recipe_flags({"args": {**saved, "late_gamma": 0.95, "late_gamma_from": 1_000_000}}) == \
+        "--late-gamma 0.95 --late-gamma-from 1000000"
     assert recipes.recipe_flags({"args": {**saved, "late_gamma": None}}) == "--late-gamma --late-gamma-from"
     assert recipes.recipe_flags({"args": {**saved, "late_gamma": 0.98, "late_gamma_from": 4_000_000}}) == \
         "--late-gamma 0.98 --late-gamma-from 4000000"
