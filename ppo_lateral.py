@@ -232,6 +232,12 @@ class Args:
     (measured, 2M steps, 200 held-out synthetic segments, seed 1: 0.5 51.33 against 51.53 without, a tie)"""
     norm_reward: bool = False
     """divide rewards by a running standard deviation of the discounted return"""
+    innovation_cv: bool = False
+    """subtract from every return a control variate on the simulator's sampling: the discounted sum of each
+    later step's innovation features (the sampled lateral acceleration minus its expectation, times what was
+    known before the draw; see tinyphysics_env.TinyPhysicsSim.innovation_features), which have expectation
+    zero, weighted by least squares against the segments' centred returns in earlier batches only, so the
+    gradient stays unbiased. Needs --segment-baseline and --sim-dynamics sampled"""
     clip_coef: float = 0.05
     """the surrogate clipping coefficient (and the value clip's, in the returns' units; measured with the joint
     --noise-logprob, 1M steps, seed 1: 0.05 52.29, 0.05 without value clipping 52.38, 0.2 unstable)"""
@@ -380,6 +386,8 @@ def validate(args: Args, world: int = 1) -> None:
         (args.samples_per_segment % 2 == 0 or not args.antithetic_noise,
          f"--antithetic-noise pairs the K rollouts of a segment: --samples-per-segment {args.samples_per_segment} "
          "must be even (or add --no-antithetic-noise)"),
+        (not args.innovation_cv or args.segment_baseline,
+         "--innovation-cv fits its weights on each segment's centred returns: it needs --segment-baseline"),
         (args.segment_baseline or args.value_baseline,
          "--no-segment-baseline with --no-value-baseline leaves the advantage without a baseline; add "
          "--value-baseline"),
@@ -801,6 +809,59 @@ def segment_advantages(advantages: torch.Tensor, samples_per_segment: int, cente
     return groups.reshape(num_steps, num_envs)
 
 
+CV_MEMORY = 0.9  # earlier batches fade from --innovation-cv's fit by this per batch (0.8 to 0.97 measured alike)
+
+
+def discounted_innovations(innovations: torch.Tensor, dones: torch.Tensor, gamma: float) -> torch.Tensor:
+    """[num_steps, num_envs, F]: each step's discounted sum of the innovation features from that step to the end
+    of its episode or of the rollout (past that, the return is the critic's bootstrap, fixed before those draws)."""
+    num_steps, num_envs, width = innovations.shape
+    flat = innovations.reshape(num_steps, num_envs * width)
+    zeros = torch.zeros_like(flat[0])
+    sums, _ = compute_gae(flat, torch.zeros_like(flat), dones.repeat_interleave(width, dim=1), zeros, zeros, gamma, 1.0)
+    return sums.reshape(num_steps, num_envs, width)
+
+
+class InnovationControlVariate:
+    """--innovation-cv: weights for `discounted_innovations`, by least squares against each segment's centred
+    returns (centred as the advantages are, each segment scaled by its spread as --segment-norm weighs it),
+    from earlier batches only: a batch's control variate is fixed before its own returns are seen."""
+
+    def __init__(self, num_features: int, samples_per_segment: int, center_group: int):
+        self.xtx, self.xty = np.zeros((num_features, num_features)), np.zeros(num_features)
+        self.samples_per_segment, self.center_group = samples_per_segment, center_group
+        self.removed = np.nan  # the share of the last batch's scaled, centred return variance it took away
+
+    def weights(self) -> np.ndarray:
+        return np.linalg.lstsq(self.xtx, self.xty, rcond=None)[0]  # zeros until a batch has been seen
+
+    def __call__(self, returns: torch.Tensor, sums: torch.Tensor) -> torch.Tensor:
+        """The returns less the control variate; then this batch joins the fit."""
+        weights = self.weights()
+        num_steps, num_envs, width = sums.shape
+        k = self.samples_per_segment
+
+        def centred(x: torch.Tensor) -> np.ndarray:
+            x = segment_advantages(x, k, center=True, norm_power=0.0, center_group=self.center_group)
+            return x.double().cpu().numpy()
+
+        y = centred(returns)
+        x = np.stack([centred(sums[..., f]) for f in range(width)], axis=-1)
+        spread = y.reshape(num_steps, num_envs // k, k).std(axis=(0, 2))
+        scale = np.repeat(1.0 / (spread + 1e-8), k)[None, :]
+        y, x = (y * scale).reshape(-1), (x * scale[..., None]).reshape(-1, width)
+        self.removed = 1.0 - float(np.var(y - x @ weights) / max(np.var(y), 1e-30))
+        self.xtx = CV_MEMORY * self.xtx + x.T @ x
+        self.xty = CV_MEMORY * self.xty + x.T @ y
+        return returns - sums @ torch.as_tensor(weights, dtype=sums.dtype, device=sums.device)
+
+    def state_dict(self) -> dict:
+        return {"xtx": self.xtx.copy(), "xty": self.xty.copy()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.xtx, self.xty = state["xtx"].copy(), state["xty"].copy()
+
+
 class RewardNormalizer:
     """Divides rewards by a running standard deviation of the discounted return (as Gymnasium's
     NormalizeReward does), on the host; its state goes into checkpoints."""
@@ -940,9 +1001,12 @@ def logstd_at(iteration: int, num_iterations: int, args: Args) -> float:
     return args.init_logstd + (args.final_logstd - args.init_logstd) * progress
 
 
-def new_rollout_buffers(num_steps: int, num_envs: int, device: torch.device) -> dict[str, torch.Tensor]:
+def new_rollout_buffers(num_steps: int, num_envs: int, device: torch.device,
+                        innovations: bool = False) -> dict[str, torch.Tensor]:
     shapes = {"obs": (te.OBS_DIM,), "actions": (1,), "noise_offsets": (1,), "logprobs": (), "rewards": (),
               "dones": (), "values": ()}
+    if innovations:
+        shapes["innovations"] = (te.NUM_INNOVATION_FEATURES,)
     return {k: torch.zeros((num_steps, num_envs, *shape), device=device) for k, shape in shapes.items()}
 
 
@@ -1005,6 +1069,8 @@ def rollout(agent: Agent, policy_step: Callable, envs: te.TinyPhysicsVectorEnv, 
         if reward_norm is not None:
             reward = reward_norm(reward, done)
         buf["rewards"][step] = torch.as_tensor(reward * args.reward_scale, dtype=torch.float32, device=device)
+        if "innovations" in buf:
+            buf["innovations"][step] = torch.as_tensor(envs.last_innovations, dtype=torch.float32, device=device)
         next_obs = torch.as_tensor(next_obs_np, device=device)
         next_done = torch.as_tensor(done, dtype=torch.float32, device=device)
         if "final_info" in infos:
@@ -1013,12 +1079,18 @@ def rollout(agent: Agent, policy_step: Callable, envs: te.TinyPhysicsVectorEnv, 
 
 
 def advantages_and_returns(agent: Agent, buf: dict, next_obs: torch.Tensor, next_done: torch.Tensor,
-                           gamma: float, args: Args) -> tuple[torch.Tensor, torch.Tensor]:
-    """GAE, then the per-segment baseline the arguments ask for; returns (the critic's target) stay GAE's."""
+                           gamma: float, args: Args, innovation_cv: InnovationControlVariate | None = None
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """GAE, less the --innovation-cv control variate where given (from the advantages and from the returns, the
+    critic's target: it has expectation zero from any state), then the per-segment baseline the arguments ask
+    for."""
     with torch.no_grad():
         next_value = agent.get_value(next_obs).reshape(1, -1)[0]
         advantages, returns = compute_gae(buf["rewards"], buf["values"], buf["dones"], next_value, next_done,
                                           gamma, args.gae_lambda)
+    if innovation_cv is not None:
+        corrected = innovation_cv(returns, discounted_innovations(buf["innovations"], buf["dones"], gamma))
+        advantages, returns = advantages - (returns - corrected), corrected
     if not args.value_baseline:
         advantages = returns.clone()
     if args.segment_baseline or args.segment_norm:
@@ -1207,8 +1279,10 @@ def train(args: Args, on_iteration: Callable[[dict], None] | None = None) -> Pat
     envs = te.TinyPhysicsVectorEnv(num_envs, segments=train_segments, model=model, autoreset_mode="same_step",
                                    expected_reward=args.expected_reward, samples_per_segment=args.samples_per_segment,
                                    common_noise=args.common_noise, dynamics=args.sim_dynamics,
-                                   jerk_weight=args.jerk_weight)
+                                   jerk_weight=args.jerk_weight, innovations=args.innovation_cv)
     reward_norm = RewardNormalizer(num_envs, args.gamma) if args.norm_reward else None
+    innovation_cv = InnovationControlVariate(te.NUM_INNOVATION_FEATURES, args.samples_per_segment,
+                                             2 if args.pair_baseline else 0) if args.innovation_cv else None
 
     random.seed(args.seed)
     np.random.seed(args.seed)
@@ -1255,6 +1329,8 @@ def train(args: Args, on_iteration: Callable[[dict], None] | None = None) -> Pat
         noise = mine.get("noise", torch.zeros((num_envs, 1))).to(device)
         if reward_norm is not None:
             reward_norm.load_state_dict(mine["reward_norm"])
+        if innovation_cv is not None and mine.get("innovation_cv"):  # none in a run that turns it on when resumed
+            innovation_cv.load_state_dict(mine["innovation_cv"])
     else:
         if world > 1:  # each process its own random streams (segments, simulator noise, actions, minibatches)
             random.seed(args.seed + rank)
@@ -1293,7 +1369,7 @@ def train(args: Args, on_iteration: Callable[[dict], None] | None = None) -> Pat
 
     policy_step = torch.compile(agent.get_action_and_value) if args.compile else agent.get_action_and_value
     loss_fn = torch.compile(ppo_loss) if args.compile else ppo_loss
-    buf = new_rollout_buffers(args.num_steps, num_envs, device)
+    buf = new_rollout_buffers(args.num_steps, num_envs, device, innovations=args.innovation_cv)
 
     stop = _StopRequest()
     previous_handlers = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -1304,7 +1380,8 @@ def train(args: Args, on_iteration: Callable[[dict], None] | None = None) -> Pat
         """Called by every process: rank 0 writes its own and the others' environment and RNG states."""
         states = gather_objects({"env": envs.state_dict(), "next_done": next_done.cpu(), "noise": noise.cpu(), "rng": {
             "torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
-            "reward_norm": reward_norm.state_dict() if reward_norm else None}, world)
+            "reward_norm": reward_norm.state_dict() if reward_norm else None,
+            "innovation_cv": innovation_cv.state_dict() if innovation_cv else None}, world)
         if lead:
             per_rank = {"ranks": states, "world_size": world} if world > 1 else {}
             kept = {"live_agent": agent.state_dict(), "ema": ema.state_dict()} if ema else {}
@@ -1335,7 +1412,7 @@ def train(args: Args, on_iteration: Callable[[dict], None] | None = None) -> Pat
             global_step += batch_size
 
             # GAE (and the per-segment baseline), then the clipped update
-            advantages, returns = advantages_and_returns(agent, buf, next_obs, next_done, gamma, args)
+            advantages, returns = advantages_and_returns(agent, buf, next_obs, next_done, gamma, args, innovation_cv)
             row = ppo_update(agent, optimizer, loss_fn, buf, advantages, returns, args, world, autocast, anchor)
             if ema:
                 ema.update_parameters(agent)
@@ -1350,6 +1427,8 @@ def train(args: Args, on_iteration: Callable[[dict], None] | None = None) -> Pat
                        sps=batch_size / (time.perf_counter() - iteration_start))
             if lead:
                 write_scalars(writer, row, global_step)
+                if innovation_cv is not None:
+                    writer.add_scalar("losses/innovation_cv_removed", innovation_cv.removed, global_step)
 
             # Evaluation and checkpoints
             if lead and (crossed(global_step, batch_size, args.eval_every) or iteration == num_iterations):

@@ -627,6 +627,10 @@ class UniformStream:
 SIM_BACKENDS = ("auto", "onnx", "torch")
 SIM_PRECISIONS = ("fp32", "tf32", "bf16")
 SIM_DYNAMICS = ("sampled", "expected")
+# Plan steps ahead whose target, against the step's expected lateral acceleration, weighs an innovation
+# (see TinyPhysicsSim.innovation_features); with gamma up to 0.98 a deviation matters for a few dozen steps.
+INNOVATION_LEADS = (0, 1, 2, 3, 5, 8, 12, 20)
+NUM_INNOVATION_FEATURES = 6 + len(INNOVATION_LEADS) + 1
 LAYER_NORM_EPS = 1e-5  # the graph's layer norms add this before the square root
 
 
@@ -899,9 +903,12 @@ class TinyPhysicsSim:
 
     def __init__(self, model: SimModel, official_rng: bool = True, seed: int | None = None,
                  expected_reward: bool = False, dynamics: str = "sampled", noise_group: int = 1,
-                 jerk_weight: float = 1.0):
+                 jerk_weight: float = 1.0, innovations: bool = False):
         if dynamics not in SIM_DYNAMICS:
             raise TinyPhysicsError(f"--sim-dynamics {dynamics}: use one of {', '.join(SIM_DYNAMICS)}")
+        if innovations and dynamics != "sampled":
+            raise TinyPhysicsError("--innovation-cv works on the simulator's sampling, which --sim-dynamics "
+                                   f"{dynamics} removes; use --sim-dynamics sampled")
         if official_rng and (dynamics != "sampled" or noise_group != 1):
             raise TinyPhysicsError("official scoring samples every segment's own stream: expected dynamics and "
                                    "shared noise are for training only")
@@ -912,7 +919,8 @@ class TinyPhysicsSim:
         self.jerk_weight = jerk_weight
         self.dynamics = dynamics
         self.noise_group = noise_group
-        self.needs_probs = expected_reward or dynamics == "expected"  # the step's moments come from its probs
+        # the step's moments come from its probs
+        self.needs_probs = expected_reward or dynamics == "expected" or innovations
 
     def reset(self, segments: Segments) -> None:
         """Load a batch of segments and fill steps 0..19 from the data."""
@@ -995,6 +1003,26 @@ class TinyPhysicsSim:
         if t > CONTROL_START_IDX:
             reward -= jerk_weight * ((self.current[:, t] - self.current[:, t - 1]) / DT) ** 2
         return reward
+
+    def innovation_features(self, t: int) -> np.ndarray:
+        """[B, NUM_INNOVATION_FEATURES] features of step t's sampling innovation d = current_t - m, the clipped
+        sample minus its mean m under the model's distribution (training only: needs the step's moments).
+
+        Each is d times something fixed before the draw (1, the expected step m - current_{t-1}, the previous
+        step current_{t-1} - current_{t-2}, roll, the steer and its change, and the planned target k steps
+        ahead minus m for k in INNOVATION_LEADS), or d^2 minus the step's variance: every one has expectation
+        zero given everything up to step t's steer, so any weighted sum of them can be subtracted from a
+        return without biasing a policy gradient (a control variate), and the right weights cancel much of
+        what the sampling adds to it."""
+        if not self.needs_probs:
+            raise RuntimeError("innovation features need the step's moments: create the sim with innovations=True")
+        mean, var = self.pred_mean[:, t], self.pred_var[:, t]
+        d = self.current[:, t] - mean
+        last = self.target.shape[1] - 1
+        known = [np.ones_like(d), mean - self.current[:, t - 1], self.current[:, t - 1] - self.current[:, t - 2],
+                 self.data["roll_lataccel"][:, t], self.actions[:, t], self.actions[:, t] - self.actions[:, t - 1]]
+        known += [self.target[:, min(t + k, last)] - mean for k in INNOVATION_LEADS]
+        return np.stack([d * k for k in known] + [d * d - var], axis=1)
 
     def costs(self) -> dict[str, np.ndarray]:
         """Official lataccel, jerk and total cost per segment over steps 100..499."""
@@ -1349,14 +1377,15 @@ class TinyPhysicsVectorEnv(gym.vector.VectorEnv):
     samples_per_segment=K runs each drawn segment in K consecutive sub-environments (num_envs / K
     segments at a time), so that their K returns can serve as each other's baseline; common_noise
     gives those K the same simulator noise, and dynamics="expected" removes it (both training-only,
-    see `TinyPhysicsSim`).
+    see `TinyPhysicsSim`). innovations=True keeps the last step's `TinyPhysicsSim.innovation_features` in
+    `last_innovations` (taken before an autoreset), for a control variate.
     """
 
     def __init__(self, num_envs: int = 1, model_path: str | None = None, data_path: str | None = None,
                  segments: Segments | None = None, official_rng: bool = False, threads: int = 0,
                  autoreset_mode: str | gym.vector.AutoresetMode = "next_step", model: SimModel | None = None,
                  expected_reward: bool = False, samples_per_segment: int = 1, common_noise: bool = False,
-                 dynamics: str = "sampled", jerk_weight: float = 1.0):
+                 dynamics: str = "sampled", jerk_weight: float = 1.0, innovations: bool = False):
         if num_envs < 1:
             raise TinyPhysicsError(f"num_envs={num_envs}: need at least one environment")
         if samples_per_segment < 1 or num_envs % samples_per_segment:
@@ -1367,7 +1396,9 @@ class TinyPhysicsVectorEnv(gym.vector.VectorEnv):
         self.pool = segments if segments is not None else load_segments(resolve_data_path(data_path))
         self.sim = TinyPhysicsSim(self.model, official_rng=official_rng, expected_reward=expected_reward,
                                   dynamics=dynamics, noise_group=samples_per_segment if common_noise else 1,
-                                  jerk_weight=jerk_weight)
+                                  jerk_weight=jerk_weight, innovations=innovations)
+        self.innovations = innovations
+        self.last_innovations: np.ndarray | None = None
         if isinstance(autoreset_mode, str):
             autoreset_mode = gym.vector.AutoresetMode[autoreset_mode.upper()]
         if autoreset_mode == gym.vector.AutoresetMode.DISABLED:
@@ -1410,10 +1441,14 @@ class TinyPhysicsVectorEnv(gym.vector.VectorEnv):
         b = self.num_envs
         if self._needs_reset:
             obs, info = self._start_episodes()
+            if self.innovations:  # the reset step draws nothing
+                self.last_innovations = np.zeros((b, NUM_INNOVATION_FEATURES))
             return obs, np.zeros(b), np.zeros(b, bool), np.zeros(b, bool), info
         t = self.sim.t
         self.sim.step(np.asarray(actions, dtype=np.float64).reshape(b))
         rewards = self.sim.step_reward(t)
+        if self.innovations:
+            self.last_innovations = self.sim.innovation_features(t)
         done = self.sim.t == COST_END_IDX
         terminated, truncated = np.full(b, done), np.zeros(b, bool)
         if not done:

@@ -225,6 +225,8 @@ def _cli(tmp_path, *flags, **kwargs):
                                                                       "increasing"),
     (["--samples-per-segment", "1", "--no-segment-baseline", "--no-common-noise", "--antithetic-noise"],
      "must be even"),
+    (["--innovation-cv", "--no-segment-baseline", "--value-baseline"],
+     "--innovation-cv fits its weights on each segment's centred returns: it needs --segment-baseline"),
 ])
 def test_bad_arguments_are_refused_before_any_work(tmp_path, model_path, real_data, flags, message):
     base = ["--sim-model-path", str(model_path), "--eval-data-path", str(real_data), "--synthetic-train", "16",
@@ -485,7 +487,8 @@ def test_resume_is_exact_with_the_new_options(tiny):
                    antithetic_noise=True, noise_correlation=0.5, fast_noise_correlation=0.2, segment_norm_power=0.5,
                    noise_logprob="joint", learn_logstd=False, pair_baseline=True, smooth_coef=10.0,
                    final_logstd=-4.5, ema_decay=0.5, jerk_weight=1.5, adam_beta1=0.95, anchor_decay=100.0,
-                   late_gamma=(0.8,), late_gamma_from=(400,))  # the switch falls after the resume
+                   late_gamma=(0.8,), late_gamma_from=(400,),  # the switch falls after the resume
+                   innovation_cv=True)
     full = pl.train(tiny(total_timesteps=640, checkpoint_every=240, eval_every=10**9, **options))
     checkpoint = torch.load(full / "checkpoints" / "checkpoint_240.pt", weights_only=False)
     assert checkpoint["optimizer"]["param_groups"][0]["betas"] == (0.95, 0.999)
@@ -789,3 +792,46 @@ def test_misused_flags_are_refused(flags, message):
 def test_expected_dynamics_training_runs(tiny):
     stats = _stats(pl.train(tiny(action_mode="residual", sim_dynamics="expected", total_timesteps=160)))
     assert np.isfinite(stats["policy_loss"][1:]).all() and np.isfinite(stats["eval_total_cost"][-1])
+
+
+def test_discounted_innovations_by_hand():
+    """3 steps, 1 environment, 2 features, gamma 0.5, a new episode starting at step 2: the sums run to the
+    episode's end, and from step 2 to the rollout's end."""
+    innovations = torch.tensor([[[1.0, 2.0]], [[4.0, -2.0]], [[8.0, 1.0]]])
+    dones = torch.tensor([[0.0], [0.0], [1.0]])
+    sums = pl.discounted_innovations(innovations, dones, 0.5)
+    np.testing.assert_allclose(sums.numpy(), [[[3.0, 1.0]], [[4.0, -2.0]], [[8.0, 1.0]]])
+
+
+def _control_variate_batch(rng, weights, steps=50, envs=16, noise=0.01):
+    """Innovation sums, and returns whose centred part is a little noise plus those sums times weights, each
+    segment of K=4 at its own scale (as segments differ in difficulty)."""
+    scale = torch.as_tensor(np.repeat(rng.uniform(0.1, 10.0, envs // 4), 4))
+    sums = torch.as_tensor(rng.normal(size=(steps, envs, len(weights)))) * scale[:, None]
+    level = torch.as_tensor(rng.normal(size=(steps, envs // 4))).repeat_interleave(4, dim=1)  # a segment's own
+    centred_noise = noise * torch.as_tensor(rng.normal(size=(steps, envs)))
+    returns = scale * (level + centred_noise) + sums @ torch.as_tensor(weights)
+    return returns, sums
+
+
+def test_innovation_control_variate_fits_on_earlier_batches_only():
+    """The first batch passes unchanged (nothing fitted yet); after it, the weights are the ones that built
+    the returns, and they take the innovations' part out of the next batch; a batch's own returns never
+    change what is subtracted from them (so the control variate adds no bias)."""
+    rng = np.random.default_rng(0)
+    weights = np.array([2.0, -1.0, 0.5])
+    cv = pl.InnovationControlVariate(3, samples_per_segment=4, center_group=2)
+    returns, sums = _control_variate_batch(rng, weights)
+    np.testing.assert_array_equal(cv(returns, sums).numpy(), returns.numpy())
+    np.testing.assert_allclose(cv.weights(), weights, rtol=0.02)
+    assert cv.removed == 0.0
+    returns, sums = _control_variate_batch(rng, weights)
+    other = returns + torch.as_tensor(rng.normal(size=returns.shape))
+    state = cv.state_dict()
+    corrected = cv(returns, sums)
+    assert cv.removed > 0.99
+    cv.load_state_dict(state)
+    np.testing.assert_allclose((other - cv(other, sums)).numpy(), (returns - corrected).numpy(), rtol=1e-12)
+    centred = pl.segment_advantages(corrected, 4, center=True, norm_power=0.0, center_group=2)
+    raw = pl.segment_advantages(returns, 4, center=True, norm_power=0.0, center_group=2)
+    assert centred.var() < 0.01 * raw.var()

@@ -238,3 +238,32 @@ def test_jerk_weight_scales_only_the_rewards_jerk_term(model, real_segments, exp
     assert (jerk <= 0).all() and (jerk < 0).mean() > 0.5  # zero where the lateral acceleration held still
     np.testing.assert_allclose(r3[1:], r0[1:] + 3.0 * jerk, rtol=1e-12, atol=1e-12)
     np.testing.assert_array_equal(sims[3.0].current, sims[1.0].current)
+
+
+def test_innovation_features_have_expectation_zero(model, real_segments):
+    """At step 100 every copy of a segment has the same history, so each copy's innovation features are
+    independent draws of the same variables: every one averages to zero within its standard error, while
+    the innovation's square alone (its variance not taken off) is clearly positive."""
+    n = 4000
+    sim = te.TinyPhysicsSim(model, official_rng=False, seed=0, innovations=True)
+    sim.reset(real_segments.subset([2] * n))
+    sim.warm_up()
+    sim.step(np.full(n, 0.1))
+    features = sim.innovation_features(100)
+    assert features.shape == (n, te.NUM_INNOVATION_FEATURES)
+    standard_error = features.std(axis=0) / np.sqrt(n)
+    assert (standard_error > 0).all()
+    np.testing.assert_array_less(np.abs(features.mean(axis=0)), 4 * standard_error)
+    squared = (sim.current[:, 100] - sim.pred_mean[:, 100]) ** 2
+    assert squared.mean() > 10 * squared.std() / np.sqrt(n)
+
+
+def test_innovation_features_need_sampling_and_moments(model, real_segments):
+    with pytest.raises(te.TinyPhysicsError, match="--innovation-cv works on the simulator's sampling"):
+        te.TinyPhysicsSim(model, official_rng=False, dynamics="expected", innovations=True)
+    sim = te.TinyPhysicsSim(model, official_rng=False, seed=0)
+    sim.reset(real_segments)
+    sim.warm_up()
+    sim.step(np.zeros(len(real_segments)))
+    with pytest.raises(RuntimeError, match="innovations=True"):
+        sim.innovation_features(100)
