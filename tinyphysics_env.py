@@ -1014,8 +1014,9 @@ class TinyPhysicsSim:
         zero given everything up to step t's steer, so any weighted sum of them can be subtracted from a
         return without biasing a policy gradient (a control variate), and the right weights cancel much of
         what the sampling adds to it."""
-        if not self.needs_probs:
-            raise RuntimeError("innovation features need the step's moments: create the sim with innovations=True")
+        if self.dynamics != "sampled" or not self.needs_probs:  # no draw, or no moments to measure it against
+            raise RuntimeError("innovation features need a sampled step and its moments: create the sim with "
+                               "innovations=True and sampled dynamics")
         mean, var = self.pred_mean[:, t], self.pred_var[:, t]
         d = self.current[:, t] - mean
         last = self.target.shape[1] - 1

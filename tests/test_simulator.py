@@ -267,3 +267,9 @@ def test_innovation_features_need_sampling_and_moments(model, real_segments):
     sim.step(np.zeros(len(real_segments)))
     with pytest.raises(RuntimeError, match="innovations=True"):
         sim.innovation_features(100)
+    expected = te.TinyPhysicsSim(model, official_rng=False, seed=0, dynamics="expected")  # moments, but no draw
+    expected.reset(real_segments)
+    expected.warm_up()
+    expected.step(np.zeros(len(real_segments)))
+    with pytest.raises(RuntimeError, match="sampled dynamics"):
+        expected.innovation_features(100)
