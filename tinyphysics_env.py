@@ -671,18 +671,21 @@ def attention_heads(path: str | Path) -> int:
     return width // round(scale**-2)
 
 
-def gpt_last_logits(w: dict, states, tokens, heads: int):
+def gpt_last_logits(w: dict, states, tokens, heads: int, token_embedding=None):
     """The tinyphysics GPT in plain torch: logits [B, 1024] of the last of the 20 positions.
 
     Same operations as the graph: state projection (4 -> 64) next to the token embedding
     (1024 x 64), plus a position embedding; pre-norm blocks of causal self-attention and a
     tanh-GELU MLP; a final norm and the output head. The last block computes its query, its
-    MLP and the head for the last position only: nothing after it reads the other 19.
+    MLP and the head for the last position only: nothing after it reads the other 19. A `token_embedding`
+    [B, 20, 64] replaces the tokens' embedding rows (a differentiable stand-in for pathwise gradients).
     """
     import torch
     import torch.nn.functional as F
 
-    x = torch.cat([states @ w["wt_embedding.weight"] + w["wt_embedding.bias"], w["wt2_embedding.weight"][tokens]], -1)
+    if token_embedding is None:
+        token_embedding = w["wt2_embedding.weight"][tokens]
+    x = torch.cat([states @ w["wt_embedding.weight"] + w["wt_embedding.bias"], token_embedding], -1)
     batch, length, width = x.shape
     x = x + w["wp_embedding.weight"][:length]
     layers = 1 + max(int(k.split(".")[1]) for k in w if k.startswith("h."))
