@@ -35,6 +35,11 @@ from common import scoring_inputs
 import ppo_lateral as pl
 import tinyphysics_env as te
 
+# Each controlled step's share of the official cost per squared lateral-acceleration error and per squared
+# step change (the jerk's 1/DT^2 folded in).
+LAT_WEIGHT = te.LAT_ACCEL_COST_MULTIPLIER * 100.0 / te.COST_STEPS
+JERK_WEIGHT = 100.0 / (te.COST_STEPS - 1) / te.DT**2
+
 
 @dataclasses.dataclass
 class Args:
@@ -118,8 +123,6 @@ def rollout_costs(agent: pl.Agent, weights: tuple[dict, int], segments: te.Segme
     errors = target[:, context:start] - target[:, context - 1:start - 1]
     integral, previous_error = errors.sum(1), errors[:, -1]
     bins = torch.as_tensor(te.BINS)
-    lat_weight = te.LAT_ACCEL_COST_MULTIPLIER * 100.0 / te.COST_STEPS
-    jerk_weight = 100.0 / (te.COST_STEPS - 1) / te.DT**2
     cost = torch.zeros(len(segments), dtype=torch.float64)
     for t in range(start, te.COST_END_IDX):
         error = target[:, t] - current[t - 1]
@@ -140,9 +143,9 @@ def rollout_costs(agent: pl.Agent, weights: tuple[dict, int], segments: te.Segme
         if dynamics == "sampled":
             token = te.torch_inverse_cdf(probs.detach(), uniforms[:, t - context])
             mean = mean + (outcomes.detach().gather(1, token[:, None])[:, 0] - mean).detach()
-        cost = cost + lat_weight * (target[:, t] - mean) ** 2
+        cost = cost + LAT_WEIGHT * (target[:, t] - mean) ** 2
         if t > start:
-            cost = cost + jerk_weight * (mean - current[t - 1]) ** 2
+            cost = cost + JERK_WEIGHT * (mean - current[t - 1]) ** 2
         current.append(mean)
     return cost
 
@@ -163,8 +166,6 @@ def summary(costs: np.ndarray) -> str:
 
 
 def split(args: Args, model: te.SimModel, held: te.Segments) -> None:
-    lat_weight = te.LAT_ACCEL_COST_MULTIPLIER * 100.0 / te.COST_STEPS
-    jerk_weight = 100.0 / (te.COST_STEPS - 1) / te.DT**2
     print("policy | official cost | sampling variance's share (the expected step costs' variance terms) | "
           "cost under expected dynamics")
     for entry in args.policies:
@@ -174,7 +175,7 @@ def split(args: Args, model: te.SimModel, held: te.Segments) -> None:
             return pl.numpy_policy(params, obs)
         costs = te.rollout_policy(sim, held, act)["total_cost"]
         var = sim.pred_var[:, te.CONTROL_START_IDX:te.COST_END_IDX]
-        share = lat_weight * var.sum(1) + jerk_weight * var[:, 1:].sum(1)
+        share = LAT_WEIGHT * var.sum(1) + JERK_WEIGHT * var[:, 1:].sum(1)
         expected = te.rollout_policy(te.TinyPhysicsSim(model, official_rng=False, dynamics="expected"), held,
                                      act)["total_cost"]
         print(f"{entry}: {summary(costs)} | {summary(share)} ({share.mean() / costs.mean():.0%}) | {summary(expected)}")
