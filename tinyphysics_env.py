@@ -410,10 +410,22 @@ def split_segments(n: int, eval_count: int = NUM_EVAL_SEGMENTS, verbose: bool = 
 
 
 # --- Synthetic segments -----------------------------------------------------------------------
+STANDSTILL_FADE_SPEED = 5.0  # m/s; see standstill_fade
+# Written into each cached folder of synthetic segments; a folder of another version is made again.
+# 2: the lateral acceleration fades out towards standstill (version 1, before it: no marker).
+SYNTHETIC_VERSION = 2
 def steer_gain(v_ego: np.ndarray) -> np.ndarray:
     """Lateral acceleration per unit steer in the synthetic segments, rising with speed as in the real
     logs (about 0.6 at standstill to 1.8 at highway speed)."""
     return 0.6 + 1.2 * np.clip(v_ego / 35.0, 0.0, 1.0)
+
+
+def standstill_fade(v_ego: np.ndarray) -> np.ndarray:
+    """Share of a synthetic segment's lateral acceleration kept at each speed: none at standstill, all from
+    STANDSTILL_FADE_SPEED up. Lateral acceleration is speed times yaw rate, and the real logs' target is 0
+    wherever the car stands; without the fade a standing car was asked to corner, which no steer can do
+    (such a segment cost every controller 250-480, 1-2 points of a 200-segment mean on its own)."""
+    return np.clip(v_ego / STANDSTILL_FADE_SPEED, 0.0, 1.0)
 
 
 def _smooth_noise(rng: np.random.Generator, n: int, tau_steps: float, order: int = 2) -> np.ndarray:
@@ -435,7 +447,8 @@ def synthesize_segments(n: int, seed: int, out_dir: str | Path) -> list[Path]:
     """Write n official-format segment CSVs (00000.csv ...) with the real dataset's statistics.
 
     Speeds 0-43 m/s (mean about 23, sd about 9), smooth accelerations, road roll within about
-    +-0.17 rad, smooth target lateral acceleration with sd about 0.46 m/s^2 overall, and a logged
+    +-0.17 rad, smooth target lateral acceleration with sd about 0.46 m/s^2 overall (fading out towards
+    standstill, see `standstill_fade`), and a logged
     steer for the first 100 rows consistent with the target through a speed-dependent gain.
     """
     out_dir = Path(out_dir)
@@ -455,6 +468,7 @@ def synthesize_segments(n: int, seed: int, out_dir: str | Path) -> list[Path]:
         amplitude = min(rng.lognormal(np.log(0.3), 0.6), 1.0) * np.clip(v_ego.mean() / 15.0, 0.2, 1.0)
         tau = rng.uniform(5, 20) * max(1.0, amplitude / 0.3)
         target = np.clip(amplitude * _smooth_noise(rng, rows, tau) + rng.normal(0.0, 0.1), -4.0, 4.0)
+        target = target * standstill_fade(v_ego)
         roll_lataccel = np.sin(roll) * ACC_G
         steer = (target - roll_lataccel) / steer_gain(v_ego) + rng.normal(0.0, 0.005, rows)
         steer_command = np.full(rows, np.nan)
@@ -472,11 +486,15 @@ def synthesize_segments(n: int, seed: int, out_dir: str | Path) -> list[Path]:
 def cached_synthetic(n: int, seed: int, kind: str = "") -> Path:
     """The cache's folder of `synthesize_segments(n, seed)`, written once. The segments are made in a
     private folder and renamed into place whole, so that two runs started side by side never read the
-    other's half-written files (the loser of the rename discards its copy: both are the same)."""
+    other's half-written files (the loser of the rename discards its copy: both are the same). A folder
+    made by another SYNTHETIC_VERSION of the generator is made again."""
     folder = cache_dir() / "synthetic" / f"{kind}n{n}-seed{seed}"
+    marker = "SYNTHETIC_VERSION"
 
     def whole() -> bool:
-        return len(list(folder.glob("*.csv"))) == n
+        version = folder / marker
+        return (len(list(folder.glob("*.csv"))) == n and version.is_file()
+                and version.read_text().strip() == str(SYNTHETIC_VERSION))
 
     if whole():
         return folder
@@ -484,7 +502,8 @@ def cached_synthetic(n: int, seed: int, kind: str = "") -> Path:
     private = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
     try:
         synthesize_segments(n, seed, private)
-        if folder.exists() and not whole():  # left by an interrupted older write
+        (private / marker).write_text(f"{SYNTHETIC_VERSION}\n")
+        if folder.exists() and not whole():  # left by an interrupted or an older generator's write
             shutil.rmtree(folder, ignore_errors=True)
         private.rename(folder)
     except OSError:

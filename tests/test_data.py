@@ -115,6 +115,14 @@ def test_synthetic_statistics_match_the_real_segments(tmp_path, real_segments):
     def roughness(s):
         return np.median(np.std(np.diff(s.target_lataccel[:, window], axis=1), axis=1))
     assert 0.33 < roughness(synthetic) / roughness(real_segments) < 3
+    # A standing car is not asked to corner: the real logs' target is 0 there, and the synthetic one fades
+    # out towards standstill (before, such a segment cost every controller 250-480).
+    def standing(s):
+        return s.target_lataccel[:, :600][s.v_ego[:, :600] < 0.5]
+    assert standing(real_segments).size > 100 and np.abs(standing(real_segments)).max() < 0.01
+    assert standing(synthetic).size > 100 and np.abs(standing(synthetic)).max() < 0.4
+    v, tgt = synthetic.v_ego[:, :600], synthetic.target_lataccel[:, :600]
+    assert np.all(tgt[v == 0] == 0) and np.all(np.abs(tgt) <= 4.0 * te.standstill_fade(v))
 
 
 def test_synthetic_segments_are_reproducible(tmp_path):
@@ -141,6 +149,7 @@ def test_cached_synthetic_folder_is_whole_whenever_it_is_visible(monkeypatch, tm
     assert results == [folder, folder] and len(te.load_segments(folder, progress=False)) == n
     assert set(seen) <= {n}
     assert sorted(p.name for p in folder.parent.iterdir()) == ["n40-seed3"]
+    assert (folder / "SYNTHETIC_VERSION").read_text().strip() == str(te.SYNTHETIC_VERSION)
     expected = tmp_path / "direct"
     te.synthesize_segments(n, 3, expected)
     assert (folder / "00039.csv").read_bytes() == (expected / "00039.csv").read_bytes()
@@ -148,6 +157,16 @@ def test_cached_synthetic_folder_is_whole_whenever_it_is_visible(monkeypatch, tm
     for f in sorted(folder.glob("*.csv"))[1:]:
         f.unlink()
     assert te.cached_synthetic(n, 3) == folder and len(list(folder.glob("*.csv"))) == n
+    # so is a whole one written by another version of the generator (the first wrote no marker)
+    for stale in ("1\n", None):
+        (folder / "00039.csv").write_text("stale")
+        if stale is None:
+            (folder / "SYNTHETIC_VERSION").unlink()
+        else:
+            (folder / "SYNTHETIC_VERSION").write_text(stale)
+        assert te.cached_synthetic(n, 3) == folder
+        assert (folder / "00039.csv").read_bytes() == (expected / "00039.csv").read_bytes()
+        assert (folder / "SYNTHETIC_VERSION").read_text().strip() == str(te.SYNTHETIC_VERSION)
 
 
 # --- Finding the assets -------------------------------------------------------------------------
