@@ -7,7 +7,8 @@ interpolation between neighbouring token embeddings (the forward pass keeps the 
 outside the model runs in float64, as the official program does.
 
     split      each policy's official cost, the share of it the sampling variance makes (the expected
-               step cost's variance terms), and its cost under --sim-dynamics expected
+               step cost's variance terms), its cost under --sim-dynamics expected, and what is left above
+               the variance share and the smoothing bound (the least any trajectory pays for the target)
     finetune   the deterministic policy of a checkpoint (or the teacher, at its step-0 weights) trained by
                the pathwise gradient on synthetic training segments, its mean of log episode costs (every
                segment weighted alike), scored official-exact on held-out segments as it goes
@@ -165,9 +166,22 @@ def summary(costs: np.ndarray) -> str:
     return f"mean {costs.mean():6.2f}  median {np.median(costs):6.2f}"
 
 
+def smoothing_bound(target: np.ndarray) -> np.ndarray:
+    """Per segment, the least official cost any lateral-acceleration trajectory pays against this [B, 400]
+    target in the cost window, with no dynamics and no noise: the minimum of a quadratic, where the
+    tracking error's pull and the step changes' balance. Adding a policy's variance share gives a floor
+    under its expected cost, since a step's innovation adds its variance to both terms whatever the steer."""
+    n = target.shape[1]
+    steps = np.diff(np.eye(n), axis=0)
+    trajectory = np.linalg.solve(LAT_WEIGHT * np.eye(n) + JERK_WEIGHT * steps.T @ steps, LAT_WEIGHT * target.T).T
+    return te.compute_costs(target, trajectory)["total_cost"]
+
+
 def split(args: Args, model: te.SimModel, held: te.Segments) -> None:
+    bound = smoothing_bound(held.target_lataccel[:, te.CONTROL_START_IDX:te.COST_END_IDX])
+    print(f"the smoothing bound (the least any trajectory pays, noise and dynamics aside): {summary(bound)}")
     print("policy | official cost | sampling variance's share (the expected step costs' variance terms) | "
-          "cost under expected dynamics")
+          "cost under expected dynamics | official cost less the share and the bound (what steering can still win)")
     for entry in args.policies:
         params = load_policy(entry).numpy_params()
         sim = te.TinyPhysicsSim(model, official_rng=True, expected_reward=True)
@@ -178,7 +192,8 @@ def split(args: Args, model: te.SimModel, held: te.Segments) -> None:
         share = LAT_WEIGHT * var.sum(1) + JERK_WEIGHT * var[:, 1:].sum(1)
         expected = te.rollout_policy(te.TinyPhysicsSim(model, official_rng=False, dynamics="expected"), held,
                                      act)["total_cost"]
-        print(f"{entry}: {summary(costs)} | {summary(share)} ({share.mean() / costs.mean():.0%}) | {summary(expected)}")
+        print(f"{entry}: {summary(costs)} | {summary(share)} ({share.mean() / costs.mean():.0%}) | {summary(expected)}"
+              f" | {summary(costs - share - bound)}")
 
 
 def finetune(args: Args, model: te.SimModel, held: te.Segments) -> None:

@@ -76,3 +76,29 @@ def test_finetune_runs_end_to_end_and_saves_a_policy(pathwise, real_data, model_
 def test_finetune_and_plan_take_one_policy(pathwise):
     with pytest.raises(te.TinyPhysicsError, match="finetune takes one policy, not 2"):
         pathwise.main(pathwise.Args(mode="finetune", policies=("pid_ff", "pid_ff")))
+
+
+def test_smoothing_bound_is_the_least_cost_of_any_trajectory(pathwise):
+    rng = np.random.default_rng(0)
+    target = np.cumsum(rng.normal(0, 0.05, (3, te.COST_STEPS)), axis=1)
+    bound = pathwise.smoothing_bound(target)
+    assert np.all(bound > 0) and np.all(pathwise.smoothing_bound(np.zeros_like(target)) == 0)
+    # below following the target exactly (all jerk) and holding its mean (all tracking error)
+    assert np.all(bound < te.compute_costs(target, target)["total_cost"])
+    held = np.repeat(target.mean(1, keepdims=True), te.COST_STEPS, 1)
+    assert np.all(bound < te.compute_costs(target, held)["total_cost"])
+    # and the minimum a generic optimiser finds on the official cost itself
+    goal = torch.as_tensor(target)
+    y = goal.clone().requires_grad_(True)
+    optimizer = torch.optim.LBFGS([y], max_iter=500, tolerance_grad=1e-12, tolerance_change=1e-15,
+                                  line_search_fn="strong_wolfe")
+
+    def official():
+        optimizer.zero_grad()
+        cost = (te.LAT_ACCEL_COST_MULTIPLIER * ((goal - y) ** 2).mean(1) * 100
+                + ((y.diff(dim=1) / te.DT) ** 2).mean(1) * 100).sum()
+        cost.backward()
+        return cost
+    optimizer.step(official)
+    found = te.compute_costs(target, y.detach().numpy())["total_cost"]
+    assert np.allclose(found, bound, rtol=1e-6) and np.all(bound <= found + 1e-9)
