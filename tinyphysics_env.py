@@ -414,6 +414,8 @@ STANDSTILL_FADE_SPEED = 5.0  # m/s; see standstill_fade
 # Written into each cached folder of synthetic segments; a folder of another version is made again.
 # 2: the lateral acceleration fades out towards standstill (version 1, before it: no marker).
 SYNTHETIC_VERSION = 2
+
+
 def steer_gain(v_ego: np.ndarray) -> np.ndarray:
     """Lateral acceleration per unit steer in the synthetic segments, rising with speed as in the real
     logs (about 0.6 at standstill to 1.8 at highway speed)."""
@@ -448,8 +450,8 @@ def synthesize_segments(n: int, seed: int, out_dir: str | Path) -> list[Path]:
 
     Speeds 0-43 m/s (mean about 23, sd about 9), smooth accelerations, road roll within about
     +-0.17 rad, smooth target lateral acceleration with sd about 0.46 m/s^2 overall (fading out towards
-    standstill, see `standstill_fade`), and a logged
-    steer for the first 100 rows consistent with the target through a speed-dependent gain.
+    standstill, see `standstill_fade`), and a logged steer for the first 100 rows consistent with the
+    target through a speed-dependent gain.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
