@@ -77,7 +77,9 @@ class Args:
 def load_policy(entry: str) -> pl.Agent:
     """A checkpoint's policy, or for pid_ff the residual policy at its step-0 weights (the teacher itself)."""
     if entry == "pid_ff":
-        return pl.Agent(te.OBS_DIM, 64, "residual", 0.25, init_logstd=-4.0)
+        d = pl.Args()  # the policy ppo_lateral.py starts from with its defaults
+        return pl.Agent(te.OBS_DIM, d.hidden, "residual", d.max_delta, d.init_logstd, critic_hidden=d.critic_hidden,
+                        teacher="pid_ff", residual_scale=d.residual_scale, policy_dist=d.policy_dist)
     return pl.load_agent(entry)[0]
 
 

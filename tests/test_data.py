@@ -121,8 +121,8 @@ def test_synthetic_statistics_match_the_real_segments(tmp_path, real_segments):
         return s.target_lataccel[:, :600][s.v_ego[:, :600] < 0.5]
     assert standing(real_segments).size > 100 and np.abs(standing(real_segments)).max() < 0.01
     assert standing(synthetic).size > 100 and np.abs(standing(synthetic)).max() < 0.4
-    v, tgt = synthetic.v_ego[:, :600], synthetic.target_lataccel[:, :600]
-    assert np.all(tgt[v == 0] == 0) and np.all(np.abs(tgt) <= 4.0 * te.standstill_fade(v))
+    every_row = synthetic.target_lataccel[:, :600]  # v (above) holds the same rows' speeds
+    assert np.all(every_row[v == 0] == 0) and np.all(np.abs(every_row) <= 4.0 * te.standstill_fade(v))
 
 
 def test_synthetic_segments_are_reproducible(tmp_path):
