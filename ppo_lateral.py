@@ -1230,23 +1230,161 @@ def extended_budget(checkpoint: dict, extend_to: int | None) -> dict:
     return {"total_timesteps": extend_to}
 
 
+def resume_from(args: Args) -> tuple[Args, dict]:
+    """The checkpoint --resume names, and the arguments its run trained with (--extend-to and --progress
+    applied)."""
+    _, checkpoint = load_agent(args.resume)
+    if "optimizer" not in checkpoint:
+        raise te.TinyPhysicsError(f"{args.resume}: a policy-only file cannot be resumed; pass a file from "
+                                  "runs/<run>/checkpoints/")
+    if Path(args.resume).parent.name != "checkpoints":
+        raise te.TinyPhysicsError(f"{args.resume}: not inside a run folder's checkpoints/; resume from "
+                                  "runs/<run>/checkpoints/checkpoint_<step>.pt (move whole run folders only)")
+    resumed = saved_args(checkpoint, resume=args.resume, progress=args.progress,
+                         **extended_budget(checkpoint, args.extend_to))
+    print(f"resuming {checkpoint['run_name']} at step {checkpoint['global_step']} with its saved arguments",
+          file=sys.stderr)
+    return resumed, checkpoint
+
+
+def training_segments(args: Args, rank: int, world: int,
+                      checkpoint: dict | None) -> tuple[te.Segments, te.Segments, te.Segments]:
+    """Every training segment (the warm start's pool: rank 0 clones on them all, as one process would), this
+    process's disjoint share of them, and the held-out segments."""
+    if rank > 0:  # rank 0 writes the synthetic segments and the segment cache; the others then read them
+        torch.distributed.barrier()
+    pool, eval_segments = load_splits(args)
+    if rank == 0 and world > 1:
+        torch.distributed.barrier()
+    if checkpoint:
+        check_same_training_segments(checkpoint["train_segments"], pool.names, args)
+    share = pool.subset(np.arange(rank, len(pool), world)) if world > 1 else pool
+    if args.num_envs // world // args.samples_per_segment > len(share):
+        raise te.TinyPhysicsError(f"--num-envs {args.num_envs} / --samples-per-segment {args.samples_per_segment} "
+                                  f"is more than the {len(share) * world} training segments; use fewer "
+                                  "envs or more segments")
+    return pool, share, eval_segments
+
+
+def load_sim_models(args: Args, model_path: Path, device: torch.device) -> tuple[te.SimModel, te.SimModel]:
+    """The simulator that trains, and the one that scores: the same, unless --sim-precision lowers the first
+    (scores are official-exact in fp32 only)."""
+    # The processes of one machine share its cores.
+    threads = args.threads or max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    model = te.load_sim_model(model_path, args.sim_backend, device.type, threads, args.sim_precision,
+                              args.compile, args.cuda_graphs)
+    eval_model = model if args.sim_precision == "fp32" else te.load_sim_model(
+        model_path, args.sim_backend, device.type, threads, "fp32", args.compile)
+    return model, eval_model
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def open_run(args: Args, checkpoint: dict | None, world: int, lead: bool) -> tuple[Path, str, SummaryWriter | None]:
+    """The run's folder and name (a resumed run keeps its own) and, on rank 0, its TensorBoard writer."""
+    if checkpoint:
+        run_dir, run_name = Path(args.resume).parent.parent, checkpoint["run_name"]
+    else:
+        run_name = gather_objects(f"{args.exp_name}__{args.seed}__{int(time.time())}", world)[0]  # rank 0's clock
+        run_dir = Path(args.runs_dir) / run_name
+    writer = SummaryWriter(str(run_dir)) if lead else None
+    if lead and not checkpoint:
+        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(
+            f"|{k}|{v}|" for k, v in vars(args).items()))
+    return run_dir, run_name, writer
+
+
+def start_episodes(args: Args, rank: int, world: int, agent: Agent, envs: te.TinyPhysicsVectorEnv,
+                   model: te.SimModel, bc_pool: te.Segments, writer: SummaryWriter | None,
+                   device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A new run's first observations, dones and exploration noise, after rank 0's warm start (behaviour
+    cloning, when --bc-segments asks for it), which every process then starts from."""
+    if world > 1:  # each process its own random streams (segments, simulator noise, actions, minibatches)
+        seed_everything(args.seed + rank)
+    next_obs, _ = envs.reset(seed=args.seed + rank)
+    if args.bc_segments and rank == 0:
+        bc_sim = te.TinyPhysicsSim(model, official_rng=False, seed=args.seed)
+        bc_idx = np.random.default_rng(args.seed).permutation(len(bc_pool))[:args.bc_segments]
+        for k, v in behaviour_clone(agent, bc_sim, bc_pool.subset(bc_idx), args, device).items():
+            writer.add_scalar(k, v, 0)
+    if world > 1:
+        for tensor in agent.state_dict().values():
+            torch.distributed.broadcast(tensor, src=0)
+    return (torch.as_tensor(next_obs, device=device), torch.zeros(envs.num_envs, device=device),
+            torch.zeros((envs.num_envs, 1), device=device))
+
+
+def restore_episodes(checkpoint: dict, rank: int, world: int, agent: Agent, optimizer: torch.optim.Optimizer,
+                     envs: te.TinyPhysicsVectorEnv, reward_norm: RewardNormalizer | None,
+                     innovation_cv: InnovationControlVariate | None, seed: int,
+                     device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Put a resumed run back where its checkpoint stopped (weights, optimizer, this process's environments,
+    random streams and running statistics); returns the observations, dones and noise it stopped at."""
+    agent.load_state_dict(checkpoint.get("live_agent") or checkpoint["agent"])
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    mine = checkpoint["ranks"][rank] if world > 1 else checkpoint
+    torch.set_rng_state(mine["rng"]["torch"])
+    np.random.set_state(mine["rng"]["numpy"])
+    random.setstate(mine["rng"]["python"])
+    envs.reset(seed=seed)
+    next_obs = torch.as_tensor(envs.load_state_dict(mine["env"]), device=device)
+    if reward_norm is not None:
+        reward_norm.load_state_dict(mine["reward_norm"])
+    if innovation_cv is not None and mine.get("innovation_cv"):  # none in a run that turns it on when resumed
+        innovation_cv.load_state_dict(mine["innovation_cv"])
+    return next_obs, mine["next_done"].to(device), mine.get("noise", torch.zeros((envs.num_envs, 1))).to(device)
+
+
+def actor_anchor(args: Args, agent: Agent, checkpoint: dict | None, device: torch.device) -> dict | None:
+    """The --anchor-decay pull's target: the actor as PPO first found it (kept in checkpoints for resuming)."""
+    if not args.anchor_decay:
+        return None
+    if checkpoint:
+        return {k: v.to(device) for k, v in checkpoint["anchor"].items()}
+    return {k: v.detach().clone() for k, v in agent.actor_mean.named_parameters()}
+
+
+def evaluate_and_keep(policy: Agent, eval_model: te.SimModel, eval_segments: te.Segments, writer: SummaryWriter,
+                      global_step: int, best_eval: float, run_dir: Path, args: Args) -> float:
+    """The policy's mean official cost on the held-out segments, logged; saved as best_model.pt when it beats
+    best_eval."""
+    cost = write_eval(writer, evaluate(policy, eval_model, eval_segments), global_step)
+    if cost < best_eval:
+        save_checkpoint(policy_checkpoint(policy, args=dataclasses.asdict(args), global_step=global_step,
+                                          eval_total_cost=cost), run_dir / "best_model.pt")
+    return cost
+
+
+def record_stats(stats: dict[str, list], row: dict, run_dir: Path) -> None:
+    for key in STAT_KEYS:
+        stats[key].append(row[key])
+    te.write_atomic(run_dir / "training_stats.npz", lambda f: np.savez(
+        f, **{k: np.asarray(v, dtype=np.float64) for k, v in stats.items()}))
+
+
+def save_final_model(policy: Agent, args: Args, global_step: int, stats: dict[str, list], world: int,
+                     run_dir: Path | None) -> None:
+    """Every replica must hold the same weights (so the same average): the final model, written by rank 0 (the
+    one given a run_dir), records the fingerprints of what each would save."""
+    fingerprints = gather_objects(weights_fingerprint(policy), world)
+    if len(set(fingerprints)) > 1:
+        raise RuntimeError(f"the {world} replicas diverged: weight fingerprints {fingerprints}")
+    if run_dir:
+        save_checkpoint(policy_checkpoint(policy, args=dataclasses.asdict(args), global_step=global_step,
+                                          eval_total_cost=stats["eval_total_cost"][-1],
+                                          replica_fingerprints=fingerprints), run_dir / "final_model.pt")
+
+
 def train(args: Args, on_iteration: Callable[[dict], None] | None = None) -> Path:
     """Train as the arguments say; returns the run folder. on_iteration(stats) is called after every
     iteration with that iteration's row of training_stats (for notebooks)."""
     checkpoint = None
     if args.resume:
-        _, checkpoint = load_agent(args.resume)
-        if "optimizer" not in checkpoint:
-            raise te.TinyPhysicsError(f"{args.resume}: a policy-only file cannot be resumed; pass a file from "
-                                      "runs/<run>/checkpoints/")
-        resume_path = args.resume
-        if Path(resume_path).parent.name != "checkpoints":
-            raise te.TinyPhysicsError(f"{resume_path}: not inside a run folder's checkpoints/; resume from "
-                                      "runs/<run>/checkpoints/checkpoint_<step>.pt (move whole run folders only)")
-        args = saved_args(checkpoint, resume=resume_path, progress=args.progress,
-                          **extended_budget(checkpoint, args.extend_to))
-        print(f"resuming {checkpoint['run_name']} at step {checkpoint['global_step']} with its saved arguments",
-              file=sys.stderr)
+        args, checkpoint = resume_from(args)
 
     # Environments and held-out segments: cheap checks first, so bad input fails before any work
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -1256,56 +1394,26 @@ def train(args: Args, on_iteration: Callable[[dict], None] | None = None) -> Pat
                                   f"it with as many (torchrun --nproc-per-node), not {world}")
     model_path = te.resolve_model_path(args.sim_model_path)
     rank, world, device = init_distributed(args.cuda)
-    if rank > 0:  # rank 0 writes the synthetic segments and the segment cache; the others then read them
-        torch.distributed.barrier()
-    train_segments, eval_segments = load_splits(args)
-    if rank == 0 and world > 1:
-        torch.distributed.barrier()
-    if checkpoint:
-        check_same_training_segments(checkpoint["train_segments"], train_segments.names, args)
-    bc_pool = train_segments  # the warm start (on rank 0) sees them all, as in one process
-    if world > 1:  # a disjoint share of the training segments for each process
-        train_segments = train_segments.subset(np.arange(rank, len(train_segments), world))
-    num_envs = args.num_envs // world  # this process's environments
-    if num_envs // args.samples_per_segment > len(train_segments):
-        raise te.TinyPhysicsError(f"--num-envs {args.num_envs} / --samples-per-segment {args.samples_per_segment} "
-                                  f"is more than the {len(train_segments) * world} training segments; use fewer "
-                                  "envs or more segments")
-    # The processes of one machine share its cores.
-    threads = args.threads or max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    model = te.load_sim_model(model_path, args.sim_backend, device.type, threads, args.sim_precision,
-                              args.compile, args.cuda_graphs)
-    # Scores are official-exact in fp32 only, so reduced-precision training evaluates with an fp32 twin.
-    eval_model = model if args.sim_precision == "fp32" else te.load_sim_model(
-        model_path, args.sim_backend, device.type, threads, "fp32", args.compile)
-    envs = te.TinyPhysicsVectorEnv(num_envs, segments=train_segments, model=model, autoreset_mode="same_step",
-                                   expected_reward=args.expected_reward, samples_per_segment=args.samples_per_segment,
-                                   common_noise=args.common_noise, dynamics=args.sim_dynamics,
-                                   jerk_weight=args.jerk_weight, innovations=args.innovation_cv)
-    reward_norm = RewardNormalizer(num_envs, args.gamma) if args.norm_reward else None
+    lead = rank == 0  # only rank 0 logs, evaluates and writes files
+    bc_pool, train_segments, eval_segments = training_segments(args, rank, world, checkpoint)
+    model, eval_model = load_sim_models(args, model_path, device)
+    envs = te.TinyPhysicsVectorEnv(args.num_envs // world, segments=train_segments, model=model,
+                                   autoreset_mode="same_step", expected_reward=args.expected_reward,
+                                   samples_per_segment=args.samples_per_segment, common_noise=args.common_noise,
+                                   dynamics=args.sim_dynamics, jerk_weight=args.jerk_weight,
+                                   innovations=args.innovation_cv)
+    reward_norm = RewardNormalizer(envs.num_envs, args.gamma) if args.norm_reward else None
     innovation_cv = InnovationControlVariate(te.NUM_INNOVATION_FEATURES, args.samples_per_segment,
                                              2 if args.pair_baseline else 0) if args.innovation_cv else None
 
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
+    seed_everything(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
     if args.amp and device.type != "cuda":
         print("note: --amp is ignored on CPU (autocast is used on CUDA only)", file=sys.stderr)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=args.amp and device.type == "cuda")
+    run_dir, run_name, writer = open_run(args, checkpoint, world, lead)
 
-    if checkpoint:
-        run_dir = Path(args.resume).parent.parent
-        run_name = checkpoint["run_name"]
-    else:
-        run_name = gather_objects(f"{args.exp_name}__{args.seed}__{int(time.time())}", world)[0]  # rank 0's clock
-        run_dir = Path(args.runs_dir) / run_name
-    lead = rank == 0  # only rank 0 logs, evaluates and writes files
-    writer = SummaryWriter(str(run_dir)) if lead else None
-    if lead and not checkpoint:
-        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(
-            f"|{k}|{v}|" for k, v in vars(args).items()))
-
+    # Agent and optimizer; a resumed run's state, or a new run's warm start and its score at step 0
     agent = Agent(te.OBS_DIM, args.hidden, args.action_mode, args.max_delta, args.init_logstd,
                   critic_hidden=args.critic_hidden, teacher=args.teacher, residual_scale=args.residual_scale,
                   policy_dist=args.policy_dist).to(device)
@@ -1313,55 +1421,20 @@ def train(args: Args, on_iteration: Callable[[dict], None] | None = None) -> Pat
     optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, betas=(args.adam_beta1, 0.999), eps=1e-5)
     batch_size = args.num_envs * args.num_steps  # global: all processes together
     num_iterations = args.total_timesteps // batch_size
-    stats = {k: [] for k in STAT_KEYS}
-    best_eval, global_step, start_iteration = float("inf"), 0, 1
-
     if checkpoint:
-        agent.load_state_dict(checkpoint.get("live_agent") or checkpoint["agent"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
+        next_obs, next_done, noise = restore_episodes(checkpoint, rank, world, agent, optimizer, envs, reward_norm,
+                                                      innovation_cv, args.seed, device)
         stats, best_eval = checkpoint["stats"], checkpoint["best_eval"]
         global_step, start_iteration = checkpoint["global_step"], checkpoint["iteration"] + 1
-        mine = checkpoint["ranks"][rank] if world > 1 else checkpoint  # this process's environments and RNGs
-        torch.set_rng_state(mine["rng"]["torch"])
-        np.random.set_state(mine["rng"]["numpy"])
-        random.setstate(mine["rng"]["python"])
-        envs.reset(seed=args.seed)
-        next_obs = torch.as_tensor(envs.load_state_dict(mine["env"]), device=device)
-        next_done = mine["next_done"].to(device)
-        noise = mine.get("noise", torch.zeros((num_envs, 1))).to(device)
-        if reward_norm is not None:
-            reward_norm.load_state_dict(mine["reward_norm"])
-        if innovation_cv is not None and mine.get("innovation_cv"):  # none in a run that turns it on when resumed
-            innovation_cv.load_state_dict(mine["innovation_cv"])
     else:
-        if world > 1:  # each process its own random streams (segments, simulator noise, actions, minibatches)
-            random.seed(args.seed + rank)
-            np.random.seed(args.seed + rank)
-            torch.manual_seed(args.seed + rank)
-        next_obs, _ = envs.reset(seed=args.seed + rank)
-        next_obs = torch.as_tensor(next_obs, device=device)
-        next_done = torch.zeros(num_envs, device=device)
-        noise = torch.zeros((num_envs, 1), device=device)
-        if args.bc_segments and lead:
-            bc_sim = te.TinyPhysicsSim(model, official_rng=False, seed=args.seed)
-            bc_idx = np.random.default_rng(args.seed).permutation(len(bc_pool))[:args.bc_segments]
-            for k, v in behaviour_clone(agent, bc_sim, bc_pool.subset(bc_idx), args, device).items():
-                writer.add_scalar(k, v, 0)
-        if world > 1:  # every replica starts from rank 0's weights
-            for tensor in agent.state_dict().values():
-                torch.distributed.broadcast(tensor, src=0)
+        next_obs, next_done, noise = start_episodes(args, rank, world, agent, envs, model, bc_pool, writer, device)
+        stats, best_eval = {k: [] for k in STAT_KEYS}, float("inf")
+        global_step, start_iteration = 0, 1
         if lead:
-            best_eval = write_eval(writer, evaluate(agent, eval_model, eval_segments), 0)
+            best_eval = evaluate_and_keep(agent, eval_model, eval_segments, writer, 0, best_eval, run_dir, args)
             for key in STAT_KEYS:  # row 0: the starting policy, before any PPO update
                 stats[key].append({"global_step": 0, "eval_total_cost": best_eval}.get(key, np.nan))
-            save_checkpoint(policy_checkpoint(agent, args=dataclasses.asdict(args), global_step=0,
-                                              eval_total_cost=best_eval), run_dir / "best_model.pt")
-
-    # The --anchor-decay pull's target: the actor as PPO first found it (kept in checkpoints for resuming)
-    anchor = None
-    if args.anchor_decay:
-        anchor = {k: v.to(device) for k, v in checkpoint["anchor"].items()} if checkpoint else {
-            k: v.detach().clone() for k, v in agent.actor_mean.named_parameters()}
+    anchor = actor_anchor(args, agent, checkpoint, device)
 
     # What is evaluated and saved: the live weights, or their running average (--ema-decay)
     ema = AveragedModel(agent, multi_avg_fn=get_ema_multi_avg_fn(args.ema_decay)) if args.ema_decay else None
@@ -1371,7 +1444,7 @@ def train(args: Args, on_iteration: Callable[[dict], None] | None = None) -> Pat
 
     policy_step = torch.compile(agent.get_action_and_value) if args.compile else agent.get_action_and_value
     loss_fn = torch.compile(ppo_loss) if args.compile else ppo_loss
-    buf = new_rollout_buffers(args.num_steps, num_envs, device, innovations=args.innovation_cv)
+    buf = new_rollout_buffers(args.num_steps, envs.num_envs, device, innovations=args.innovation_cv)
 
     stop = _StopRequest()
     previous_handlers = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -1434,20 +1507,15 @@ def train(args: Args, on_iteration: Callable[[dict], None] | None = None) -> Pat
 
             # Evaluation and checkpoints
             if lead and (crossed(global_step, batch_size, args.eval_every) or iteration == num_iterations):
-                row["eval_total_cost"] = write_eval(writer, evaluate(policy, eval_model, eval_segments), global_step)
+                row["eval_total_cost"] = evaluate_and_keep(policy, eval_model, eval_segments, writer, global_step,
+                                                           best_eval, run_dir, args)
+                best_eval = min(best_eval, row["eval_total_cost"])
                 if ema and args.eval_live:
                     live = evaluate(agent, eval_model, eval_segments)["total_cost"].mean()
                     writer.add_scalar("eval/live_total_cost", float(live), global_step)
-                if row["eval_total_cost"] < best_eval:
-                    best_eval = row["eval_total_cost"]
-                    save_checkpoint(policy_checkpoint(policy, args=dataclasses.asdict(args), global_step=global_step,
-                                                      eval_total_cost=best_eval), run_dir / "best_model.pt")
                 bar.set_postfix(eval_cost=f"{row['eval_total_cost']:.2f}", sps=f"{row['sps']:.0f}")
             if lead:
-                for key in STAT_KEYS:
-                    stats[key].append(row[key])
-                te.write_atomic(run_dir / "training_stats.npz", lambda f: np.savez(
-                    f, **{k: np.asarray(v, dtype=np.float64) for k, v in stats.items()}))
+                record_stats(stats, row, run_dir)
             if crossed(global_step, batch_size, args.checkpoint_every) or stopping or iteration == num_iterations:
                 write_checkpoint(run_dir / "checkpoints" / f"checkpoint_{global_step}.pt", iteration)
             bar.update(batch_size)
@@ -1459,16 +1527,7 @@ def train(args: Args, on_iteration: Callable[[dict], None] | None = None) -> Pat
                     print(f"stopped by signal {signum}; resume with --resume "
                           f"{run_dir / 'checkpoints' / f'checkpoint_{global_step}.pt'}", file=sys.stderr)
                 raise SystemExit(128 + signum)
-
-        # Every replica must hold the same weights (so the same average); the final model records the fingerprints
-        # of what each would save.
-        fingerprints = gather_objects(weights_fingerprint(policy), world)
-        if len(set(fingerprints)) > 1:
-            raise RuntimeError(f"the {world} replicas diverged: weight fingerprints {fingerprints}")
-        if lead:
-            save_checkpoint(policy_checkpoint(policy, args=dataclasses.asdict(args), global_step=global_step,
-                                              eval_total_cost=stats["eval_total_cost"][-1],
-                                              replica_fingerprints=fingerprints), run_dir / "final_model.pt")
+        save_final_model(policy, args, global_step, stats, world, run_dir if lead else None)
     finally:
         bar.close()
         if writer:
