@@ -31,6 +31,8 @@ ROOT = Path(__file__).resolve().parent.parent
 # Arguments that place a run rather than change its recipe: left out of an adopted run's flags.
 PLUMBING = {"seed", "synthetic_train", "eval_data_path", "eval_segments", "sim_model_path", "eval_every", "exp_name",
             "runs_dir", "progress"}
+# The headline's goal at 1M steps and the longest run's, as fractions of the teacher's held-out cost.
+TARGET_RATIOS = (0.93, 0.85)
 
 
 @dataclass
@@ -103,10 +105,12 @@ def plot_curves(finished: dict[str, list[dict]], baselines: dict, out: Path) -> 
             cost = baselines[name]["synthetic"]["mean"]
             ax.axhline(cost, color="black", ls=style, label=f"{name} {cost:.2f}")
         ax.set_xlabel("environment steps")
+    for ratio in TARGET_RATIOS:
+        axes[1].axhline(ratio * teacher, color="grey", ls="-.", lw=1, label=f"{ratio}x pid_ff {ratio * teacher:.2f}")
     axes[0].set_ylabel("held-out synthetic total_cost (official-exact)")
-    axes[1].set_ylim(min(lowest, teacher) - 0.3, max(teacher, lowest) + 0.5)
+    axes[1].set_ylim(min(lowest, min(TARGET_RATIOS) * teacher) - 0.3, max(teacher, lowest) + 0.5)
     axes[1].set_title("zoomed on the teacher")
-    axes[1].legend(fontsize=8)
+    axes[1].legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))  # beside the curves, not on them
     fig.savefig(out, dpi=100, bbox_inches="tight")
 
 
