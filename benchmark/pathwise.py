@@ -23,6 +23,7 @@ outside the model runs in float64, as the official program does.
     python benchmark/pathwise.py plan runs/<run>/final_model.pt --segments 32 --iterations 40 --learning-rate 0.002 ...
 """
 
+import copy
 import dataclasses
 import time
 from pathlib import Path
@@ -72,6 +73,12 @@ class Args:
     """finetune: score the held-out segments every this many steps"""
     save_path: str | None = None
     """finetune: write the trained policy here (a checkpoint ppo_lateral_eval.py and the export take)"""
+    validation: int = 0
+    """finetune: also score this many synthetic validation segments (made with --validation-seed, apart from
+    the training and held-out ones) at every held-out evaluation, and keep and save the weights that score
+    lowest there (step 0 included) instead of the last: the choice never looks at the held-out scores"""
+    validation_seed: int = 54321
+    """finetune: the seed of the validation segments"""
 
 
 def load_policy(entry: str) -> pl.Agent:
@@ -202,9 +209,22 @@ def finetune(args: Args, model: te.SimModel, held: te.Segments) -> None:
     agent = load_policy(args.policies[0]).double()
     weights = model_weights(te.resolve_model_path(args.sim_model_path))
     train = te.load_segments(te.cached_synthetic(args.synthetic_train, args.seed), progress=False)
+    validation = None if not args.validation else te.load_segments(
+        te.cached_synthetic(args.validation, args.validation_seed, "validation-"), progress=False)
     optimizer = torch.optim.Adam(agent.actor_mean.parameters(), lr=args.learning_rate, eps=1e-5)
     rng = np.random.default_rng(args.seed)
-    print(f"step 0: held-out {summary(score(agent, model, held))}", flush=True)
+    best = (np.inf, 0, None)  # validation mean, step, weights
+
+    def evaluate(iteration: int) -> str:
+        nonlocal best
+        line = f"held-out {summary(score(agent, model, held))}"
+        if validation is not None:
+            cost = score(agent, model, validation).mean()
+            if cost < best[0]:
+                best = (cost, iteration, copy.deepcopy(agent.state_dict()))
+            line += f"  validation mean {cost:6.2f}"
+        return line
+    print(f"step 0: {evaluate(0)}", flush=True)
     start = time.perf_counter()
     for iteration in range(1, args.iterations + 1):
         batch = train.subset(rng.choice(len(train), args.batch, replace=False))
@@ -216,8 +236,11 @@ def finetune(args: Args, model: te.SimModel, held: te.Segments) -> None:
         optimizer.step()
         line = f"step {iteration}: training {summary(costs.detach().numpy())}  grad norm {grad_norm:.3f}"
         if iteration % args.eval_every == 0 or iteration == args.iterations:
-            line += f"  held-out {summary(score(agent, model, held))}  ({time.perf_counter() - start:.0f} s)"
+            line += f"  {evaluate(iteration)}  ({time.perf_counter() - start:.0f} s)"
         print(line, flush=True)
+    if validation is not None:
+        agent.load_state_dict(best[2])
+        print(f"kept step {best[1]} (validation mean {best[0]:.2f})", flush=True)
     if args.save_path:
         pl.save_checkpoint(pl.policy_checkpoint(agent.float()), Path(args.save_path))
 

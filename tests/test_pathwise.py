@@ -73,6 +73,20 @@ def test_finetune_runs_end_to_end_and_saves_a_policy(pathwise, real_data, model_
     assert agent.actor_mean[4].weight.abs().sum() > 0  # moved off the teacher's zero last layer
 
 
+def test_finetune_keeps_the_step_that_scores_best_on_validation(pathwise, real_data, model_path, tmp_path, capsys):
+    """A step far too large makes the policy worse on the validation segments, so step 0 (the teacher) is kept
+    and saved, not the last step."""
+    out = tmp_path / "pw.pt"
+    pathwise.main(pathwise.Args(mode="finetune", policies=("pid_ff",), eval_data_path=str(real_data), segments=2,
+                                sim_model_path=str(model_path), threads=1, synthetic_train=4, batch=2, iterations=1,
+                                learning_rate=1.0, eval_every=1, validation=2, save_path=str(out)))
+    lines = capsys.readouterr().out.splitlines()
+    step0, step1 = (float(line.split("validation mean")[1].split()[0]) for line in lines[:2])
+    assert step1 > step0 and lines[2] == f"kept step 0 (validation mean {step0:.2f})"
+    agent, _ = pl.load_agent(out)
+    assert agent.actor_mean[4].weight.abs().sum() == 0  # the teacher's zero last layer, as at step 0
+
+
 def test_finetune_and_plan_take_one_policy(pathwise):
     with pytest.raises(te.TinyPhysicsError, match="finetune takes one policy, not 2"):
         pathwise.main(pathwise.Args(mode="finetune", policies=("pid_ff", "pid_ff")))
