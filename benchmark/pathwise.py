@@ -266,6 +266,9 @@ def main(args: Args) -> None:
     if args.mode != "split" and len(args.policies) != 1:
         raise te.TinyPhysicsError(f"{args.mode} takes one policy, not {len(args.policies)}; "
                                   "name one checkpoint or pid_ff")
+    if args.validation and args.validation_seed == args.seed:
+        raise te.TinyPhysicsError(f"--validation-seed {args.validation_seed} is the training split's --seed, so the "
+                                  "validation segments would be trained on; pick another --validation-seed")
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     held, model = scoring_inputs(args.eval_data_path, args.segments, args.sim_model_path, args.threads)

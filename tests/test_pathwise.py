@@ -92,6 +92,11 @@ def test_finetune_and_plan_take_one_policy(pathwise):
         pathwise.main(pathwise.Args(mode="finetune", policies=("pid_ff", "pid_ff")))
 
 
+def test_finetune_refuses_validation_segments_it_trains_on(pathwise):
+    with pytest.raises(te.TinyPhysicsError, match="--validation-seed 1 is the training split's --seed"):
+        pathwise.main(pathwise.Args(mode="finetune", policies=("pid_ff",), validation=10, validation_seed=1))
+
+
 def test_smoothing_bound_is_the_least_cost_of_any_trajectory(pathwise):
     rng = np.random.default_rng(0)
     target = np.cumsum(rng.normal(0, 0.05, (3, te.COST_STEPS)), axis=1)
