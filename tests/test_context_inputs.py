@@ -32,7 +32,7 @@ def test_context_observation_appends_past_states_at_their_rows(benchmark_script,
         assert np.array_equal(early[:, part], data[:, [20] * 15 + list(range(20, 25))])
 
 
-def test_context_run_trains_end_to_end_from_the_teacher(tmp_path, model_path, real_data):
+def test_context_run_trains_end_to_end_from_the_teacher(tmp_path, model, model_path, real_data):
     flags = {"sim-model-path": model_path, "eval-data-path": real_data, "synthetic-train": 16, "eval-segments": 2,
              "num-envs": 8, "samples-per-segment": 2, "num-steps": 20, "total-timesteps": 320, "num-minibatches": 2,
              "update-epochs": 1, "eval-every": 320, "runs-dir": tmp_path}
@@ -45,8 +45,7 @@ def test_context_run_trains_end_to_end_from_the_teacher(tmp_path, model_path, re
     assert agent.obs_offset.numel() == te.OBS_DIM + 3 * te.OBS_HISTORY
     with np.load(run_dir / "training_stats.npz") as f:
         step0 = f["eval_total_cost"][0]
-    teacher = te.rollout_policy(te.TinyPhysicsSim(te.load_sim_model(model_path, threads=1), official_rng=True),
-                                te.load_segments(real_data).first(2),
-                                lambda obs: pl.teacher_steer(pl.teacher_params("pid_ff"), obs))["total_cost"]
+    teacher = te.rollout_controllers(te.TinyPhysicsSim(model), te.load_segments(real_data).first(2),
+                                     te.PIDFeedforwardController)["total_cost"]
     assert step0 == teacher.mean()  # the new inputs start with zero weight: step 0 is the teacher
     assert torch.isfinite(agent.actor_mean[0].weight).all()
