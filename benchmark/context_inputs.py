@@ -10,32 +10,28 @@ export do not know it, so score its checkpoints through this process (the run's 
         --eval-every 250000 --sim-model-path ../shared/tinyphysics/models/tinyphysics.onnx --threads 1 --no-progress
 """
 
-import gymnasium as gym
 import numpy as np
 import tyro
+from common import extend_observation, observe_with
 
 import ppo_lateral as pl
 import tinyphysics_env as te
 
 CONTEXT_FIELDS = ("roll_lataccel", "v_ego", "a_ego")
-BASE_OBSERVE = te.observe
 
 
-def context_observe(sim: te.TinyPhysicsSim, dtype=np.float32) -> np.ndarray:
-    """`te.observe` followed by roll, speed and acceleration of steps t-20..t-1 (20 each, in that order)."""
+def past_context(sim: te.TinyPhysicsSim, base: np.ndarray) -> np.ndarray:
+    """Roll, speed and acceleration of steps t-20..t-1 (20 each, in that order)."""
     rows = np.maximum(np.arange(sim.t - te.OBS_HISTORY, sim.t), te.CONTEXT_LENGTH)
-    context = [sim.data[f][:, rows] for f in CONTEXT_FIELDS]
-    return np.concatenate([BASE_OBSERVE(sim, np.float64)] + context, axis=1).astype(dtype)
+    return np.concatenate([sim.data[f][:, rows] for f in CONTEXT_FIELDS], axis=1)
+
+
+context_observe = observe_with(past_context)
 
 
 def install() -> None:
-    """Give this process the longer observation: ppo_lateral reads te.OBS_DIM, te.observe and the layout
-    (for its normaliser: the speeds' entries are named so that they are scaled as speeds) when it runs. The
-    bounds are left open: nothing in training reads them."""
-    te.OBS_LAYOUT = te.OBS_LAYOUT + tuple((f"past_{f}", te.OBS_HISTORY) for f in CONTEXT_FIELDS)
-    te.OBS_DIM = sum(n for _, n in te.OBS_LAYOUT)
-    te.observe = context_observe
-    te.observation_space = lambda pool: gym.spaces.Box(-np.inf, np.inf, (te.OBS_DIM,), np.float32)
+    """The speeds' entries are named so that the normaliser scales them as speeds."""
+    extend_observation(tuple((f"past_{f}", te.OBS_HISTORY) for f in CONTEXT_FIELDS), past_context)
 
 
 if __name__ == "__main__":
