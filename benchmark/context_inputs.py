@@ -12,7 +12,7 @@ export do not know it, so score its checkpoints through this process (the run's 
 
 import numpy as np
 import tyro
-from common import extend_observation, observe_with
+from common import extend_observation
 
 import ppo_lateral as pl
 import tinyphysics_env as te
@@ -24,9 +24,6 @@ def past_context(sim: te.TinyPhysicsSim, base: np.ndarray) -> np.ndarray:
     """Roll, speed and acceleration of steps t-20..t-1 (20 each, in that order)."""
     rows = np.maximum(np.arange(sim.t - te.OBS_HISTORY, sim.t), te.CONTEXT_LENGTH)
     return np.concatenate([sim.data[f][:, rows] for f in CONTEXT_FIELDS], axis=1)
-
-
-context_observe = observe_with(past_context)
 
 
 def install() -> None:

@@ -16,14 +16,15 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_context_observation_appends_past_states_at_their_rows(benchmark_script, real_segments, model_path):
     probe = benchmark_script("context_inputs")
+    context_observe = benchmark_script("common").observe_with(probe.past_context)
     sim = te.TinyPhysicsSim(te.load_sim_model(model_path, threads=1), official_rng=True)
     sim.reset(real_segments.first(2))
     for _ in range(5):  # step 25: the rows before step 20 read as step 20's
         sim.step(None)
-    early = probe.context_observe(sim, np.float64)
+    early = context_observe(sim, np.float64)
     assert np.array_equal(early[:, :te.OBS_DIM], te.observe(sim, np.float64))
     sim.warm_up()
-    late = probe.context_observe(sim, np.float64)
+    late = context_observe(sim, np.float64)
     assert np.array_equal(late[:, :te.OBS_DIM], te.observe(sim, np.float64))
     h = te.OBS_HISTORY
     for i, field in enumerate(probe.CONTEXT_FIELDS):
@@ -73,5 +74,5 @@ def test_probe_run_trains_end_to_end_from_the_teacher(probe, extra, tmp_path, mo
         step0 = f["eval_total_cost"][0]
     teacher = te.rollout_controllers(te.TinyPhysicsSim(model), te.load_segments(real_data).first(2),
                                      te.PIDFeedforwardController)["total_cost"]
-    assert step0 == teacher.mean()  # the new inputs start with zero weight: step 0 is the teacher
+    assert step0 == teacher.mean()  # the residual's output layer starts at zero: step 0 is the teacher
     assert torch.isfinite(agent.actor_mean[0].weight).all()
