@@ -202,6 +202,8 @@ WEIGHTS = Path(__file__).with_name("{weights}")
 
 {teacher_source}
 
+{curvature_source}
+
 {policy_source}
 
 class Controller(BaseController):
@@ -259,6 +261,7 @@ def export_controller(model_path: str, out_path: str) -> tuple[Path, Path]:
     te.write_atomic(weights, lambda f: np.savez(f, **params))
     source = CONTROLLER_TEMPLATE.format(weights=weights.name, stem=out.stem,
                                         teacher_source=inspect.getsource(pl.teacher_steer),
+                                        curvature_source=inspect.getsource(pl.curvature_inputs),
                                         policy_source=inspect.getsource(pl.numpy_policy))
     write_text_atomic(str(out), source)
     return out, weights

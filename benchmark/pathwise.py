@@ -86,7 +86,8 @@ def load_policy(entry: str) -> pl.Agent:
     if entry == "pid_ff":
         d = pl.Args()  # the policy ppo_lateral.py starts from with its defaults
         return pl.Agent(te.OBS_DIM, d.hidden, "residual", d.max_delta, d.init_logstd, critic_hidden=d.critic_hidden,
-                        teacher="pid_ff", residual_scale=d.residual_scale, policy_dist=d.policy_dist)
+                        teacher="pid_ff", residual_scale=d.residual_scale, policy_dist=d.policy_dist,
+                        curvature_inputs=d.curvature_inputs)
     return pl.load_agent(entry)[0]
 
 
@@ -139,7 +140,7 @@ def rollout_costs(agent: pl.Agent, weights: tuple[dict, int], segments: te.Segme
         integral = integral + error
         obs = observation(seg, t, actions, current, integral, previous_error)
         previous_error = error
-        steer = agent.to_steer(obs, agent.actor_mean(agent.normalize(obs)))
+        steer = agent.to_steer(obs, agent.actor_mean(agent.inputs(obs)))
         actions.append((steer if plan is None else steer + plan[:, t - start]).clamp(*te.STEER_RANGE))
         window = slice(t - context + 1, t + 1)
         states = torch.stack([torch.stack(actions[window], 1)] +

@@ -58,7 +58,7 @@ def observations(agent: pl.Agent, model: te.SimModel, segments: te.Segments,
 def sensitivity(agent: pl.Agent, obs: np.ndarray) -> dict[str, float]:
     """Per named part of the observation, the mean over [N, OBS_DIM] observations of the summed |d action /
     d normalised input| of the actor's mean."""
-    x = agent.normalize(torch.as_tensor(obs)).requires_grad_(True)
+    x = agent.inputs(torch.as_tensor(obs)).requires_grad_(True)
     agent.actor_mean(x).sum().backward()
     grad = x.grad.abs()
     return {name: float(grad[:, part].sum(dim=1).mean()) for name, part in te.obs_slices().items()}
@@ -67,7 +67,7 @@ def sensitivity(agent: pl.Agent, obs: np.ndarray) -> dict[str, float]:
 def saturation(agent: pl.Agent, obs: np.ndarray) -> float:
     """Share of the actor's first-layer pre-activations beyond |SATURATED| over [N, OBS_DIM] observations."""
     with torch.no_grad():
-        pre = agent.actor_mean[0](agent.normalize(torch.as_tensor(obs)))
+        pre = agent.actor_mean[0](agent.inputs(torch.as_tensor(obs)))
     return float((pre.abs() > SATURATED).float().mean())
 
 

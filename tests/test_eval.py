@@ -119,19 +119,19 @@ def test_fewer_segments_than_asked_are_all_scored(assets_flags, eval_cli):
     assert code == 0 and "only 10 segments found; scoring all of them" in stderr
 
 
-def _policy_checkpoint(path: Path, seed: int = 0, mode: str = "delta") -> Path:
+def _policy_checkpoint(path: Path, seed: int = 0, mode: str = "delta", curvature: bool = False) -> Path:
     """A policy whose actions are not ~0, saved as ppo_lateral saves one."""
     torch.manual_seed(seed)
-    agent = pl.Agent(te.OBS_DIM, 32, mode, 0.25)
+    agent = pl.Agent(te.OBS_DIM, 32, mode, 0.25, curvature_inputs=curvature)
     torch.nn.init.normal_(agent.actor_mean[-1].weight, std=0.3)
     pl.save_checkpoint(pl.policy_checkpoint(agent, global_step=0), path)
     return path
 
 
-@pytest.mark.parametrize("mode", ["delta", "residual"])
+@pytest.mark.parametrize("mode, curvature", [("delta", False), ("residual", False), ("residual", True)])
 def test_exported_controller_scores_like_the_checkpoint(tmp_path, assets_flags, controllers_dir, model, real_segments,
-                                                        eval_cli, mode):
-    checkpoint = _policy_checkpoint(tmp_path / "policy.pt", mode=mode)
+                                                        eval_cli, mode, curvature):
+    checkpoint = _policy_checkpoint(tmp_path / "policy.pt", mode=mode, curvature=curvature)
     from_checkpoint = tmp_path / "checkpoint.csv"
     code, stderr = eval_cli(*assets_flags, "--model-path", str(checkpoint), "--baseline", "none", "--results-csv",
                             str(from_checkpoint), "--export-controller", str(controllers_dir / "ppo.py"))

@@ -1,11 +1,10 @@
-"""benchmark/context_inputs.py and curvature_inputs.py: training on the observation with more inputs."""
+"""benchmark/context_inputs.py: training on the observation with more inputs."""
 
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 
 import ppo_lateral as pl
@@ -34,42 +33,17 @@ def test_context_observation_appends_past_states_at_their_rows(benchmark_script,
         assert np.array_equal(early[:, part], data[:, [20] * 15 + list(range(20, 25))])
 
 
-def test_curvature_features_are_the_plan_over_speed_squared(benchmark_script, real_segments, model_path):
-    probe = benchmark_script("curvature_inputs")
-    sim = te.TinyPhysicsSim(te.load_sim_model(model_path, threads=1), official_rng=True)
-    segments = real_segments.first(2)
-    sim.reset(segments)
-    sim.warm_up()
-    for _ in range(30):
-        sim.step(np.zeros(2))
-    t = sim.t
-    obs = benchmark_script("common").observe_with(probe.curvature_features)(sim, np.float64)
-    assert np.array_equal(obs[:, :te.OBS_DIM], te.observe(sim, np.float64))
-    extra = obs[:, te.OBS_DIM:]
-    assert extra.shape == (2, 2 + te.FUTURE_LEN)
-    rows = np.arange(t + 1, t + te.FUTURE_PLAN_STEPS)
-    for i in range(2):
-        lat, roll, v = (np.asarray(getattr(segments, f))[i] for f in ("target_lataccel", "roll_lataccel", "v_ego"))
-        by_hand = [(sim.current[i, t - 1] - roll[t]) / max(v[t] ** 2, 1.0), (lat[t] - roll[t]) / max(v[t] ** 2, 1.0)]
-        by_hand += [(lat[k] - roll[k]) / max(v[k] ** 2, 1.0) for k in rows]
-        assert np.allclose(extra[i], np.clip(100.0 * np.array(by_hand), -5.0, 5.0), rtol=1e-12, atol=0)
-    standing = probe.curvature(np.array([0.5]), np.array([0.0]), np.array([0.1]))
-    assert standing[0] == probe.CURVATURE_CLIP  # 0.5 / max(0.01, 1) x 100 = 50, held at the clip
-
-
-@pytest.mark.parametrize("probe, extra", [("context_inputs", 3 * te.OBS_HISTORY),
-                                          ("curvature_inputs", 2 + te.FUTURE_LEN)])
-def test_probe_run_trains_end_to_end_from_the_teacher(probe, extra, tmp_path, model, model_path, real_data):
+def test_probe_run_trains_end_to_end_from_the_teacher(tmp_path, model, model_path, real_data):
     flags = {"sim-model-path": model_path, "eval-data-path": real_data, "synthetic-train": 16, "eval-segments": 2,
              "num-envs": 8, "samples-per-segment": 2, "num-steps": 20, "total-timesteps": 320, "num-minibatches": 2,
              "update-epochs": 1, "eval-every": 320, "runs-dir": tmp_path}
     args = [x for k, v in flags.items() for x in (f"--{k}", str(v))] + ["--no-progress"]
-    done = subprocess.run([sys.executable, str(ROOT / "benchmark" / f"{probe}.py"), *args], cwd=tmp_path,
+    done = subprocess.run([sys.executable, str(ROOT / "benchmark" / "context_inputs.py"), *args], cwd=tmp_path,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     run_dir = Path(done.stdout.strip().splitlines()[-1])
     agent, _ = pl.load_agent(run_dir / "final_model.pt")
-    assert agent.obs_offset.numel() == te.OBS_DIM + extra
+    assert agent.obs_offset.numel() == te.OBS_DIM + 3 * te.OBS_HISTORY
     with np.load(run_dir / "training_stats.npz") as f:
         step0 = f["eval_total_cost"][0]
     teacher = te.rollout_controllers(te.TinyPhysicsSim(model), te.load_segments(real_data).first(2),

@@ -188,13 +188,15 @@ def test_numpy_policy_mirrors_the_torch_agent():
     """numpy_policy (official scoring, export) and the torch agent (training) map observations to the same steer."""
     obs = np.random.default_rng(0).normal(0, 1, (50, te.OBS_DIM)).astype(np.float32)
     obs[:, te.obs_slices()["v_ego"]] += 20.0
-    for mode, dist in [("delta", "gaussian"), ("absolute", "gaussian"), ("residual", "gaussian"),
-                       ("residual", "tanh"), ("delta", "tanh")]:
-        agent = pl.Agent(te.OBS_DIM, 16, mode, 0.25, policy_dist=dist)
+    for mode, dist, curvature in [("delta", "gaussian", False), ("absolute", "gaussian", False),
+                                  ("residual", "gaussian", False), ("residual", "tanh", False),
+                                  ("delta", "tanh", False), ("residual", "gaussian", True)]:
+        agent = pl.Agent(te.OBS_DIM, 16, mode, 0.25, policy_dist=dist, curvature_inputs=curvature)
+        torch.nn.init.normal_(agent.actor_mean[0].weight, std=0.5)  # the curvature inputs' weights too
         torch.nn.init.normal_(agent.actor_mean[-1].weight, std=0.5)  # a policy whose actions are not all ~0
         x = torch.as_tensor(obs)
         with torch.no_grad():
-            expected = agent.to_steer(x, agent.actor_mean(agent.normalize(x))).double().numpy()
+            expected = agent.to_steer(x, agent.actor_mean(agent.inputs(x))).double().numpy()
         steer = pl.numpy_policy(agent.numpy_params(), obs)
         np.testing.assert_allclose(steer, expected, atol=1e-5)  # torch runs in float32, numpy_policy in float64
         assert np.ptp(steer) > 0.1
@@ -278,13 +280,14 @@ def test_cli_trains_with_the_compiled_torch_simulator(tmp_path, model_path, real
     result = _cli(tmp_path, "--sim-model-path", str(model_path), "--eval-data-path", str(real_data),
                   "--synthetic-train", "16", "--eval-segments", "1", "--num-envs", "4", "--samples-per-segment", "2",
                   "--num-steps", "20", "--total-timesteps", "80", "--num-minibatches", "2", "--bc-segments", "0",
-                  "--no-progress", "--sim-backend", "torch", "--compile")
+                  "--no-progress", "--sim-backend", "torch", "--compile", "--curvature-inputs")
     assert result.returncode == 0, result.stderr
     run_dir = Path(tmp_path / result.stdout.strip().splitlines()[-1])
     assert torch.load(run_dir / "final_model.pt", weights_only=False)["args"]["sim_backend"] == "torch"
     stats = _stats(run_dir)  # the compiled policy step and loss (the same code as with ONNX Runtime) learned
     assert np.isfinite(stats["policy_loss"][1:]).all()
     agent, _ = pl.load_agent(run_dir / "final_model.pt")
+    assert agent.config()["curvature_inputs"] and agent.actor_mean[0].in_features == te.OBS_DIM + 2 + te.FUTURE_LEN
     held_out = te.load_segments(real_data).subset([0])
     onnx_cost = pl.evaluate(agent, te.TinyPhysicsModel(model_path), held_out)["total_cost"].mean()
     assert onnx_cost == pytest.approx(stats["eval_total_cost"][-1], rel=1e-6)
@@ -320,11 +323,11 @@ def test_delta_mode_clone_of_the_teacher_trains(tiny):
 
 
 # --- Learning past the teacher: residual policy, per-segment baseline, reward normalisation -------------
-@pytest.mark.parametrize("teacher", ["pid", "pid_ff"])
-def test_residual_policy_at_step_0_is_the_teacher(model, real_segments, teacher):
+@pytest.mark.parametrize("teacher, curvature", [("pid", False), ("pid_ff", False), ("pid_ff", True)])
+def test_residual_policy_at_step_0_is_the_teacher(model, real_segments, teacher, curvature):
     """The actor's output starts at exactly zero and the teacher is recomputed from the float64 observation
     with the controller's own arithmetic, so the per-segment official costs are the teacher's to the bit."""
-    agent = pl.Agent(te.OBS_DIM, 16, "residual", 0.25, teacher=teacher)
+    agent = pl.Agent(te.OBS_DIM, 16, "residual", 0.25, teacher=teacher, curvature_inputs=curvature)
     policy = pl.evaluate(agent, model, real_segments)
     official = te.rollout_controllers(te.TinyPhysicsSim(model), real_segments, te.BUILTIN_CONTROLLERS[teacher])
     np.testing.assert_array_equal(policy["total_cost"], official["total_cost"])
@@ -337,6 +340,35 @@ def test_residual_policy_at_step_0_is_the_teacher(model, real_segments, teacher)
     exact = pl.teacher_steer(agent.teacher_params, te.observe(sim, np.float64))
     rounded = pl.teacher_steer(agent.teacher_params, te.observe(sim).astype(np.float64))
     assert 0 < np.abs(exact - rounded).max() < 1e-5
+
+
+def test_curvature_inputs_are_lataccel_minus_roll_over_speed_squared(model, real_segments):
+    sim = te.TinyPhysicsSim(model, official_rng=True)
+    segments = real_segments.first(2)
+    sim.reset(segments)
+    sim.warm_up()
+    for _ in range(30):
+        sim.step(np.zeros(2))
+    t = sim.t
+    agent = pl.Agent(te.OBS_DIM, 8, "residual", 0.25, curvature_inputs=True)
+    obs = te.observe(sim, np.float64)
+    extra = np.concatenate(pl.curvature_inputs(agent.curvature_params, obs), axis=1)
+    assert extra.shape == (2, 2 + te.FUTURE_LEN)
+    rows = np.arange(t + 1, t + te.FUTURE_PLAN_STEPS)
+    for i in range(2):
+        lat, roll, v = (np.asarray(getattr(segments, f))[i] for f in ("target_lataccel", "roll_lataccel", "v_ego"))
+        by_hand = [(sim.current[i, t - 1] - roll[t]) / max(v[t] ** 2, 1.0), (lat[t] - roll[t]) / max(v[t] ** 2, 1.0)]
+        by_hand += [(lat[k] - roll[k]) / max(v[k] ** 2, 1.0) for k in rows]
+        assert np.allclose(extra[i], np.clip(100.0 * np.array(by_hand), -5.0, 5.0), rtol=1e-12, atol=0)
+    # The network reads them after the normalized observation, computed the same way in torch.
+    with torch.no_grad():
+        seen = agent.inputs(torch.as_tensor(obs, dtype=torch.float32)).numpy()
+    assert seen.shape == (2, te.OBS_DIM + 2 + te.FUTURE_LEN)
+    np.testing.assert_allclose(seen[:, te.OBS_DIM:], extra, rtol=1e-5, atol=1e-6)
+    standing = obs[:1].copy()
+    standing[0, te.obs_slices()["v_ego"]], standing[0, te.obs_slices()["target_lataccel"]] = 0.1, 0.5
+    standing[0, te.obs_slices()["roll_lataccel"]] = 0.0
+    assert pl.curvature_inputs(agent.curvature_params, standing)[1][0, 0] == pl.CURVATURE_CLIP  # 50, held
 
 
 def test_residual_training_starts_from_the_teacher(default_run, model, real_data):
@@ -395,8 +427,8 @@ def test_steer_change_penalty_by_hand():
     obs, prev_obs = torch.randn((3, te.OBS_DIM)), torch.randn((3, te.OBS_DIM))
     carried = torch.tensor([[True], [False], [True]])
     with torch.no_grad():
-        steer = agent.to_steer(obs, agent.actor_mean(agent.normalize(obs)))
-        prev = agent.to_steer(prev_obs, agent.actor_mean(agent.normalize(prev_obs)))
+        steer = agent.to_steer(obs, agent.actor_mean(agent.inputs(obs)))
+        prev = agent.to_steer(prev_obs, agent.actor_mean(agent.inputs(prev_obs)))
     expected = ((steer[0] - prev[0]) ** 2 + (steer[2] - prev[2]) ** 2) / 2
     penalty = pl.steer_change_penalty(agent, obs, prev_obs, carried)
     np.testing.assert_allclose(penalty.item(), expected.item(), rtol=1e-6)
@@ -488,7 +520,7 @@ def test_resume_is_exact_with_the_new_options(tiny):
                    noise_logprob="joint", learn_logstd=False, pair_baseline=True, smooth_coef=10.0,
                    final_logstd=-4.5, ema_decay=0.5, jerk_weight=1.5, adam_beta1=0.95, anchor_decay=100.0,
                    late_gamma=(0.8,), late_gamma_from=(400,),  # the switch falls after the resume
-                   innovation_cv=True)
+                   innovation_cv=True, curvature_inputs=True)
     full = pl.train(tiny(total_timesteps=640, checkpoint_every=240, eval_every=10**9, **options))
     checkpoint = torch.load(full / "checkpoints" / "checkpoint_240.pt", weights_only=False)
     assert checkpoint["optimizer"]["param_groups"][0]["betas"] == (0.95, 0.999)
@@ -601,7 +633,7 @@ def test_tanh_policy_log_probability_is_the_squashed_density():
     obs = torch.as_tensor(np.random.default_rng(0).normal(0, 1, (64, te.OBS_DIM)), dtype=torch.float32)
     with torch.no_grad():
         u, logprob, _, _ = agent.get_action_and_value(obs)
-        mean = agent.actor_mean(agent.normalize(obs))
+        mean = agent.actor_mean(agent.inputs(obs))
         # in float64: the reference inverts tanh, which float32 cannot do near +-1
         squashed = torch.distributions.TransformedDistribution(
             torch.distributions.Normal(mean.double(), agent.actor_logstd.exp().double()),
@@ -621,7 +653,7 @@ def test_antithetic_pairs_mirror_their_noise():
     obs = obs.repeat_interleave(2, dim=0)  # pairs share a state, as copies of one segment do at the start
     with torch.no_grad():
         actions, offsets, noise = pl.exploration_actions(agent, obs, torch.zeros((16, 1)), 0.0, antithetic=True)
-        mean = agent.actor_mean(agent.normalize(obs))
+        mean = agent.actor_mean(agent.inputs(obs))
     np.testing.assert_allclose((actions - mean).numpy(), noise.numpy(), atol=1e-6)
     assert not offsets.any()
     noise = noise.reshape(8, 2)
@@ -711,7 +743,7 @@ def test_joint_noise_logprob_is_the_ar1_process_density_under_the_new_policy(fas
         joint = pl.joint_noise_offsets(agent, flat["noise_offsets"], *previous, b_rho)
         logprob = {name: agent.get_action_and_value(flat["obs"], flat["actions"], offsets)[1].reshape(steps, envs)
                    for name, offsets in (("joint", joint), ("conditioned", flat["noise_offsets"]))}
-        n = (buf["actions"] - agent.actor_mean(agent.normalize(buf["obs"])))[..., 0].numpy()
+        n = (buf["actions"] - agent.actor_mean(agent.inputs(buf["obs"])))[..., 0].numpy()
     std = float(np.exp(-1.0))
     carried = np.concatenate([np.zeros((1, envs)), rho * n[:-1] * (1 - buf["dones"][1:].numpy())])
     innovations = n - carried

@@ -37,7 +37,7 @@ def test_the_teacher_answers_nothing_and_the_answer_is_linear_in_the_last_layer(
 def test_saturation_counts_first_layer_units_past_two(sensitivity):
     obs = np.random.default_rng(0).normal(size=(50, te.OBS_DIM)).astype(np.float32)
     agent = residual_agent(0.02)
-    pre = agent.actor_mean[0](agent.normalize(torch.as_tensor(obs))).detach()
+    pre = agent.actor_mean[0](agent.inputs(torch.as_tensor(obs))).detach()
     assert sensitivity.saturation(agent, obs) == pytest.approx(float((pre.abs() > 2).float().mean()))
     assert sensitivity.saturation(residual_agent(0.02, first_gain=1e-3), obs) == 0.0
     assert sensitivity.saturation(residual_agent(0.02, first_gain=1e3), obs) > 0.9
