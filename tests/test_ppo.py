@@ -698,6 +698,20 @@ def test_a_checkpoint_from_before_correlated_noise_resumes_with_white_noise():
     assert (resumed.noise_correlation, resumed.segment_norm_power, resumed.noise_logprob) == (0.7, 0.5, "conditioned")
 
 
+def test_a_checkpoint_from_before_curvature_inputs_loads_and_resumes_without_them(tmp_path):
+    """A policy saved before --curvature-inputs existed read the observation alone: it must load, score and
+    resume that way, not pick up today's default."""
+    agent = pl.Agent(te.OBS_DIM, 8, "residual", 0.25)
+    old = pl.policy_checkpoint(agent, global_step=0)
+    del old["agent_config"]["curvature_inputs"]
+    pl.save_checkpoint(old, tmp_path / "old.pt")
+    loaded, _ = pl.load_agent(tmp_path / "old.pt")
+    assert loaded.curvature_params is None and loaded.actor_mean[0].in_features == te.OBS_DIM
+    assert not loaded.numpy_params()["curvature_inputs"]
+    args = {k: v for k, v in dataclasses.asdict(pl.Args()).items() if k != "curvature_inputs"}
+    assert pl.Args().curvature_inputs and not pl.saved_args({"args": args}).curvature_inputs
+
+
 def test_a_checkpoint_from_before_several_late_gammas_resumes_with_its_one_switch():
     """--late-gamma first took one value (or None, or did not exist); such a run's arguments still load, and
     discount as they did."""
