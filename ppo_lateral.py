@@ -594,11 +594,10 @@ def layer_init(layer: nn.Linear, std: float = np.sqrt(2), bias_const: float = 0.
 
 class Agent(nn.Module):
     """Separate actor and critic MLPs (tanh) on the normalized observation (and the curvature inputs, if
-    asked); a Gaussian policy, clipped or
-    tanh-squashed to [-1, 1], whose action is mapped to steer by `to_steer`. `config()` rebuilds it
-    without this script's defaults, so a checkpoint describes its own policy and observation pipeline. In
-    residual mode the actor's last layer starts at zero, so the deterministic policy starts as the teacher
-    itself."""
+    asked); a Gaussian policy, clipped or tanh-squashed to [-1, 1], whose action is mapped to steer by
+    `to_steer`. `config()` rebuilds it without this script's defaults, so a checkpoint describes its own
+    policy and observation pipeline. In residual mode the actor's last layer starts at zero, so the
+    deterministic policy starts as the teacher itself."""
 
     def __init__(self, obs_dim: int, hidden: int, action_mode: str, max_delta: float, init_logstd: float = 0.0,
                  obs_offset=None, obs_scale=None, critic_hidden: int = 0, teacher: str = "pid_ff",
