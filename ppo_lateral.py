@@ -611,7 +611,7 @@ class Agent(nn.Module):
         self.teacher_params = teacher_params(teacher)
         self.policy_dist = policy_dist
         self.curvature_params = curvature_params() if curvature_inputs else None
-        in_dim = obs_dim + (2 + te.FUTURE_LEN if curvature_inputs else 0)
+        in_dim = obs_dim + (2 + self.curvature_params["plan_rows"] if curvature_inputs else 0)
 
         def mlp(width: int, out_std: float) -> nn.Sequential:
             return nn.Sequential(layer_init(nn.Linear(in_dim, width)), nn.Tanh(),
@@ -690,7 +690,7 @@ class Agent(nn.Module):
                       residual_scale=np.array(self.residual_scale), policy_dist=np.array(self.policy_dist),
                       steer_max=np.array(te.STEER_RANGE[1]), prev_steer_index=np.array(PREV_STEER_INDEX),
                       curvature_inputs=np.array(self.curvature_params is not None),
-                      **{k: np.array(v) for k, v in (self.teacher_params | curvature_params()).items()})
+                      **{k: np.array(v) for k, v in (self.teacher_params | (self.curvature_params or {})).items()})
         return params
 
 
@@ -700,18 +700,19 @@ def numpy_policy(params: dict, obs: np.ndarray) -> np.ndarray:
     Official scoring of a policy uses this, and the exported controller carries this very function
     (and `teacher_steer` and `curvature_inputs`), so both give the same steer and the same costs. Mirrors
     Agent.inputs, Agent.actor_mean and Agent.to_steer."""
-    x = (obs.astype(np.float64) - params["obs_offset"]) * params["obs_scale"]
+    obs = obs.astype(np.float64, copy=False)
+    x = (obs - params["obs_offset"]) * params["obs_scale"]
     if bool(params["curvature_inputs"]):
-        x = np.concatenate([x, *curvature_inputs(params, obs.astype(np.float64))], axis=1)
+        x = np.concatenate([x, *curvature_inputs(params, obs)], axis=1)
     x = np.tanh(x @ params["weight0"].T + params["bias0"])
     x = np.tanh(x @ params["weight1"].T + params["bias1"])
     a = (x @ params["weight2"].T + params["bias2"])[:, 0]
     a = np.tanh(a) if str(params["policy_dist"]) == "tanh" else np.clip(a, -1.0, 1.0)
     mode = str(params["action_mode"])
     if mode == "residual":
-        return teacher_steer(params, obs.astype(np.float64)) + float(params["residual_scale"]) * a
+        return teacher_steer(params, obs) + float(params["residual_scale"]) * a
     if mode == "delta":
-        return obs[:, int(params["prev_steer_index"])].astype(np.float64) + float(params["max_delta"]) * a
+        return obs[:, int(params["prev_steer_index"])] + float(params["max_delta"]) * a
     return float(params["steer_max"]) * a
 
 
