@@ -9,17 +9,21 @@ and export of a policy as a controller for the official repository.
 from __future__ import annotations
 
 import base64
+import builtins
+import dis
 import html
 import inspect
 import io
 import json
 import sys
+import types
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import pandas as pd
+import torch
 import tyro
 
 import ppo_lateral as pl
@@ -198,28 +202,36 @@ import numpy as np
 from . import BaseController
 
 WEIGHTS = Path(__file__).with_name("{weights}")
+PLAN = ("lataccel", "roll_lataccel", "v_ego", "a_ego")  # the fields of future_plan, in order
 
 
-{teacher_source}
+{functions}
 
-{curvature_source}
 
-{policy_source}
+def plan_rows(values, fallback, n):
+    """The plan's first n rows, its last row repeated where the segment ends sooner (as in training)."""
+    values = list(values)[:n] or [fallback]
+    return values + [values[-1]] * (n - len(values))
+
 
 class Controller(BaseController):
-    """Rebuilds, from the arguments of update(), the observation the policy was trained on."""
+    """Builds, from the arguments of update(), the observation the policy was trained on, in the layout that
+    the weights file lists."""
 
     def __init__(self):
         with np.load(WEIGHTS) as f:
             self.params = {{k: f[k] for k in f.files}}
         p = self.params
-        self.step = int(p["first_step"])
-        self.control_start, self.history = int(p["control_start"]), int(p["history"])
-        self.future_len, self.steer_range = int(p["future_len"]), (float(p["steer_min"]), float(p["steer_max"]))
-        self.past_actions = [0.0] * self.history
-        self.past_lataccel = []
-        self.error_integral = 0.0
-        self.error = 0.0
+        self.layout = list(zip(p["obs_names"].tolist(), p["obs_sizes"].tolist()))
+        known = {{"target_lataccel", "current_lataccel", "roll_lataccel", "v_ego", "a_ego", "past_actions",
+                 "past_lataccel", "error_integral", "prev_error"}} | {{"future_" + name for name in PLAN}}
+        unknown = [name for name, _ in self.layout if name not in known]
+        if unknown:
+            raise ValueError(f"{{WEIGHTS.name}} asks for observation parts {{unknown}} this controller does not build")
+        self.step, self.control_start = int(p["first_step"]), int(p["control_start"])
+        self.steer_range = (float(p["steer_min"]), float(p["steer_max"]))
+        self.past_actions, self.past_lataccel = [], []
+        self.error_integral, self.error = 0.0, 0.0
 
     def update(self, target_lataccel, current_lataccel, state, future_plan):
         t = self.step
@@ -228,43 +240,70 @@ class Controller(BaseController):
         prev_error, self.error = self.error, target_lataccel - current_lataccel
         self.error_integral += self.error
         if t < self.control_start:
-            # The simulator replaces answers before control starts with the logged steer.
+            # The simulator replaces answers before control starts with the logged steer; the policy reads 0.
             self.past_actions.append(0.0)
             return 0.0
-        now = [state.roll_lataccel, state.v_ego, state.a_ego]
-        future = []
-        for values, fallback in zip(future_plan, [target_lataccel] + now):
-            values = list(values)[:self.future_len] or [fallback]
-            future += values + [values[-1]] * (self.future_len - len(values))
-        obs = np.array([target_lataccel, current_lataccel] + now + self.past_actions[-self.history:]
-                       + self.past_lataccel[-self.history:] + future + [self.error_integral, prev_error],
-                       dtype=np.float64)
+        now = {{"target_lataccel": target_lataccel, "current_lataccel": current_lataccel,
+               "roll_lataccel": state.roll_lataccel, "v_ego": state.v_ego, "a_ego": state.a_ego,
+               "error_integral": self.error_integral, "prev_error": prev_error}}
+        size = dict(self.layout)
+        parts = {{name: [value] for name, value in now.items()}}
+        parts["past_actions"] = self.past_actions[-size["past_actions"]:]
+        parts["past_lataccel"] = self.past_lataccel[-size["past_lataccel"]:]
+        for name, values in zip(PLAN, future_plan):
+            fallback = target_lataccel if name == "lataccel" else now[name]
+            parts["future_" + name] = plan_rows(values, fallback, size["future_" + name])
+        obs = np.array([x for name, _ in self.layout for x in parts[name]], dtype=np.float64)
         steer = float(np.clip(numpy_policy(self.params, obs[None])[0], *self.steer_range))
         self.past_actions.append(steer)
         return steer
 '''
 
 
-def export_controller(model_path: str, out_path: str) -> tuple[Path, Path]:
-    """Write <stem>.py and <stem>.npz: the deterministic policy as an official-interface controller."""
+def global_names(code: types.CodeType) -> set[str]:
+    """The module-level names a function's code (and the functions defined inside it) reads."""
+    names = {i.argval for i in dis.get_instructions(code) if i.opname in ("LOAD_GLOBAL", "LOAD_NAME")}
+    return names.union(*(global_names(c) for c in code.co_consts if isinstance(c, types.CodeType)))
+
+
+def exported_source(functions: tuple) -> str:
+    """The functions' source, for a file that imports numpy alone: each may use numpy, builtins and the others."""
+    allowed = {"np", *dir(builtins), *(f.__name__ for f in functions)}
+    for f in functions:
+        foreign = sorted(global_names(f.__code__) - allowed)
+        if foreign:
+            raise te.TinyPhysicsError(f"{f.__name__} reads {', '.join(foreign)}, which the exported controller does "
+                                      "not have; pass it in params (numpy_params) or compute it inside")
+    return "\n\n".join(inspect.getsource(f) for f in functions)
+
+
+def export_controller(model_path: str, out_path: str, model: te.SimModel | None = None,
+                      segments: te.Segments | None = None) -> tuple[Path, Path]:
+    """Write <stem>.py and <stem>.npz: the deterministic policy as an official-interface controller, its numpy
+    policy checked against the torch agent first, on the observations the checkpoint was saved with and on
+    these segments' (with the model that steps them), where given."""
     out = Path(out_path)
     if out.suffix != ".py":
         raise te.TinyPhysicsError(f"--export-controller {out_path}: must name a .py file, e.g. controllers/ppo.py")
     if not out.parent.is_dir():
         raise te.TinyPhysicsError(f"--export-controller {out_path}: folder {out.parent} does not exist; create it")
-    agent, _ = pl.load_agent(model_path)
-    weights = out.with_suffix(".npz")
-    params = {**agent.numpy_params(), "first_step": np.array(te.CONTEXT_LENGTH),
-              "control_start": np.array(te.CONTROL_START_IDX), "history": np.array(te.OBS_HISTORY),
-              "future_len": np.array(te.FUTURE_LEN), "steer_min": np.array(te.STEER_RANGE[0]),
-              "steer_max": np.array(te.STEER_RANGE[1])}
-    te.write_atomic(weights, lambda f: np.savez(f, **params))
-    source = CONTROLLER_TEMPLATE.format(weights=weights.name, stem=out.stem,
-                                        teacher_source=inspect.getsource(pl.teacher_steer),
-                                        curvature_source=inspect.getsource(pl.curvature_inputs),
-                                        policy_source=inspect.getsource(pl.numpy_policy))
+    agent, checkpoint = pl.load_agent(model_path)
+    probes = [checkpoint["probe_obs"]] if "probe_obs" in checkpoint else []
+    if segments is not None:
+        probes.append(pl.start_observations(model, segments.first(64)))
+    if not probes:
+        raise te.TinyPhysicsError(f"{model_path}: saved without the observations its export is checked on; export "
+                                  "it with ppo_lateral_eval.py --model-path ... --export-controller")
+    pl.check_numpy_policy(agent, torch.cat(probes))
+    source = CONTROLLER_TEMPLATE.format(weights=out.with_suffix(".npz").name, stem=out.stem,
+                                        functions=exported_source(pl.NUMPY_POLICY))
+    names, sizes = zip(*te.OBS_LAYOUT)
+    params = {**agent.numpy_params(), "obs_names": np.array(names), "obs_sizes": np.array(sizes),
+              "first_step": np.array(te.CONTEXT_LENGTH), "control_start": np.array(te.CONTROL_START_IDX),
+              "steer_min": np.array(te.STEER_RANGE[0]), "steer_max": np.array(te.STEER_RANGE[1])}
+    te.write_atomic(out.with_suffix(".npz"), lambda f: np.savez(f, **params))
     write_text_atomic(str(out), source)
-    return out, weights
+    return out, out.with_suffix(".npz")
 
 
 # --- Main ----------------------------------------------------------------------------------------
@@ -324,7 +363,7 @@ def evaluate_cli(args: Args) -> dict:
         write_text_atomic(args.report, report_html(table, results, rollouts, shown.names, test.name,
                                                    baseline.name if baseline else None, segments.names))
     if args.export_controller:
-        py, npz = export_controller(args.model_path, args.export_controller)
+        py, npz = export_controller(args.model_path, args.export_controller, model, segments)
         print(f"exported {py} and {npz}")
     return {**summary, "per_segment": results}
 

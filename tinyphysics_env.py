@@ -647,11 +647,6 @@ class UniformStream:
 # --- The model in plain torch ------------------------------------------------------------------
 SIM_BACKENDS = ("auto", "onnx", "torch")
 SIM_PRECISIONS = ("fp32", "tf32", "bf16")
-SIM_DYNAMICS = ("sampled", "expected")
-# Plan steps ahead whose target, against the step's expected lateral acceleration, weighs an innovation
-# (see TinyPhysicsSim.innovation_features); with gamma up to 0.98 a deviation matters for a few dozen steps.
-INNOVATION_LEADS = (0, 1, 2, 3, 5, 8, 12, 20)
-NUM_INNOVATION_FEATURES = 6 + len(INNOVATION_LEADS) + 1
 LAYER_NORM_EPS = 1e-5  # the graph's layer norms add this before the square root
 
 
@@ -919,32 +914,20 @@ class TinyPhysicsSim:
     otherwise a fast numpy Generator seeded with `seed` draws the uniforms, and the scores are
     NOT official-exact (the sampled noise differs), which is what training wants.
 
-    Two training-only modes, neither official-exact: `noise_group=K` gives each run of K consecutive
-    rows the same uniform at every step (common random numbers, for K rollouts of one segment), and
-    `dynamics="expected"` makes the next lateral acceleration the expectation of the clipped decoded
-    token under the model's distribution instead of a sample (no simulator noise at all).
+    A training-only mode, not official-exact: `noise_group=K` gives each run of K consecutive rows the
+    same uniform at every step (common random numbers, for K rollouts of one segment).
     """
 
     def __init__(self, model: SimModel, official_rng: bool = True, seed: int | None = None,
-                 expected_reward: bool = False, dynamics: str = "sampled", noise_group: int = 1,
-                 jerk_weight: float = 1.0, innovations: bool = False):
-        if dynamics not in SIM_DYNAMICS:
-            raise TinyPhysicsError(f"--sim-dynamics {dynamics}: use one of {', '.join(SIM_DYNAMICS)}")
-        if innovations and dynamics != "sampled":
-            raise TinyPhysicsError("--innovation-cv works on the simulator's sampling, which --sim-dynamics "
-                                   f"{dynamics} removes; use --sim-dynamics sampled")
-        if official_rng and (dynamics != "sampled" or noise_group != 1):
-            raise TinyPhysicsError("official scoring samples every segment's own stream: expected dynamics and "
-                                   "shared noise are for training only")
+                 expected_reward: bool = False, noise_group: int = 1):
+        if official_rng and noise_group != 1:
+            raise TinyPhysicsError("official scoring samples every segment's own stream: shared noise is for "
+                                   "training only")
         self.model = model
         self.official_rng = official_rng
         self.seed(seed)
         self.expected_reward = expected_reward
-        self.jerk_weight = jerk_weight
-        self.dynamics = dynamics
         self.noise_group = noise_group
-        # the step's moments come from its probs
-        self.needs_probs = expected_reward or dynamics == "expected" or innovations
 
     def reset(self, segments: Segments) -> None:
         """Load a batch of segments and fill steps 0..19 from the data."""
@@ -981,10 +964,9 @@ class TinyPhysicsSim:
             previous = self.current[:, t - 1]
             low, high = previous - MAX_ACC_DELTA, previous + MAX_ACC_DELTA
             sampled, probs = self._sample(t)
-            if self.needs_probs:
+            if self.expected_reward:  # the step's moments come from its probs
                 self.pred_mean[:, t], self.pred_var[:, t] = clipped_moments(probs, low, high)
-            self.current[:, t] = self.pred_mean[:, t] if self.dynamics == "expected" else \
-                np.clip(decode(sampled), low, high)
+            self.current[:, t] = np.clip(decode(sampled), low, high)
         self.t = t + 1
 
     def warm_up(self) -> None:
@@ -1002,7 +984,7 @@ class TinyPhysicsSim:
         else:
             uniforms = self.rng.random(self.batch_size // self.noise_group, repeat=self.noise_group)
         return self.model.sample(states.astype(np.float32), tokens.astype(np.int64), uniforms,
-                                 with_probs=self.needs_probs)
+                                 with_probs=self.expected_reward)
 
     def seed(self, seed: int | None) -> None:
         """Restart the training-mode random stream (on the model's device for the torch backend)."""
@@ -1013,10 +995,9 @@ class TinyPhysicsSim:
 
         With `expected_reward`, minus its expectation over the step's sampled prediction instead:
         (target - m)^2 + var and ((m - current_{t-1})^2 + var) / dt^2 for the prediction's mean m and
-        variance var. Same expected return, without the sampling noise of the step itself. A `jerk_weight`
-        other than 1 multiplies the jerk term (a training objective, not the official one)."""
+        variance var. Same expected return, without the sampling noise of the step itself."""
         lat_weight = LAT_ACCEL_COST_MULTIPLIER * 100.0 / COST_STEPS
-        jerk_weight = self.jerk_weight * 100.0 / (COST_STEPS - 1)
+        jerk_weight = 100.0 / (COST_STEPS - 1)
         if self.expected_reward:
             mean, var = self.pred_mean[:, t], self.pred_var[:, t]
             reward = -lat_weight * ((self.target[:, t] - mean) ** 2 + var)
@@ -1027,27 +1008,6 @@ class TinyPhysicsSim:
         if t > CONTROL_START_IDX:
             reward -= jerk_weight * ((self.current[:, t] - self.current[:, t - 1]) / DT) ** 2
         return reward
-
-    def innovation_features(self, t: int) -> np.ndarray:
-        """[B, NUM_INNOVATION_FEATURES] features of step t's sampling innovation d = current_t - m, the clipped
-        sample minus its mean m under the model's distribution (training only: needs the step's moments).
-
-        Each is d times something fixed before the draw (1, the expected step m - current_{t-1}, the previous
-        step current_{t-1} - current_{t-2}, roll, the steer and its change, and the planned target k steps
-        ahead minus m for k in INNOVATION_LEADS), or d^2 minus the step's variance: every one has expectation
-        zero given everything up to step t's steer, so any weighted sum of them can be subtracted from a
-        return without biasing a policy gradient (a control variate), and the right weights cancel much of
-        what the sampling adds to it."""
-        if self.dynamics != "sampled" or not self.needs_probs:  # no draw, or no moments to measure it against
-            raise RuntimeError("innovation features need a sampled step and its moments: create the sim with "
-                               "innovations=True and sampled dynamics")
-        mean, var = self.pred_mean[:, t], self.pred_var[:, t]
-        d = self.current[:, t] - mean
-        last = self.target.shape[1] - 1
-        known = [np.ones_like(d), mean - self.current[:, t - 1], self.current[:, t - 1] - self.current[:, t - 2],
-                 self.data["roll_lataccel"][:, t], self.actions[:, t], self.actions[:, t] - self.actions[:, t - 1]]
-        known += [self.target[:, min(t + k, last)] - mean for k in INNOVATION_LEADS]
-        return np.stack([d * k for k in known] + [d * d - var], axis=1)
 
     def costs(self) -> dict[str, np.ndarray]:
         """Official lataccel, jerk and total cost per segment over steps 100..499."""
@@ -1110,8 +1070,23 @@ class PIDFeedforwardController(PIDController):
     def update(self, target_lataccel, current_lataccel, state, future_plan):
         ahead = np.asarray(future_plan.lataccel, dtype=np.float64)[..., :self.lookahead]
         planned = ahead.mean(axis=-1) if ahead.shape[-1] else target_lataccel  # no plan left: the target
-        feedback = super().update(target_lataccel, current_lataccel, state, future_plan)
-        return feedback + self.kf * planned - self.kr * np.asarray(state.roll_lataccel)
+        error = target_lataccel - current_lataccel
+        self.error_integral += error
+        prev_error, self.prev_error = self.prev_error, error
+        return pid_ff_steer(error, self.error_integral, prev_error, planned, np.asarray(state.roll_lataccel),
+                            self.gains())
+
+    def gains(self) -> dict[str, float]:
+        return {"p": self.p, "i": self.i, "d": self.d, "kf": self.kf, "kr": self.kr}
+
+
+def pid_ff_steer(error, error_integral, prev_error, planned, roll_lataccel, gains: dict[str, float]):
+    """PIDFeedforwardController's steer from what it knows (numbers, numpy or torch arrays): the PID of the
+    lateral-acceleration error, plus kf times the planned target, minus kr times the roll. The one copy of
+    this arithmetic: the residual policy's teacher and its exported controller call it too. It uses nothing
+    but its arguments, so the exporter can copy it as it is."""
+    feedback = gains["p"] * error + gains["i"] * error_integral + gains["d"] * (error - prev_error)
+    return feedback + gains["kf"] * planned - gains["kr"] * roll_lataccel
 
 
 class ZeroController(BaseController):
@@ -1397,20 +1372,16 @@ class TinyPhysicsVectorEnv(gym.vector.VectorEnv):
     [...]}) picks them explicitly (as evaluation does). expected_reward=True pays each step's
     expected cost over the simulator's sampling instead of the sampled one (see
     `TinyPhysicsSim.step_reward`): the same objective with less noise; info costs stay the real ones.
-    jerk_weight multiplies the reward's jerk term (training-only; info costs stay the official ones).
 
     samples_per_segment=K runs each drawn segment in K consecutive sub-environments (num_envs / K
     segments at a time), so that their K returns can serve as each other's baseline; common_noise
-    gives those K the same simulator noise, and dynamics="expected" removes it (both training-only,
-    see `TinyPhysicsSim`). innovations=True keeps the last step's `TinyPhysicsSim.innovation_features` in
-    `last_innovations` (taken before an autoreset), for a control variate.
+    gives those K the same simulator noise (training-only, see `TinyPhysicsSim`).
     """
 
     def __init__(self, num_envs: int = 1, model_path: str | None = None, data_path: str | None = None,
                  segments: Segments | None = None, official_rng: bool = False, threads: int = 0,
                  autoreset_mode: str | gym.vector.AutoresetMode = "next_step", model: SimModel | None = None,
-                 expected_reward: bool = False, samples_per_segment: int = 1, common_noise: bool = False,
-                 dynamics: str = "sampled", jerk_weight: float = 1.0, innovations: bool = False):
+                 expected_reward: bool = False, samples_per_segment: int = 1, common_noise: bool = False):
         if num_envs < 1:
             raise TinyPhysicsError(f"num_envs={num_envs}: need at least one environment")
         if samples_per_segment < 1 or num_envs % samples_per_segment:
@@ -1420,10 +1391,7 @@ class TinyPhysicsVectorEnv(gym.vector.VectorEnv):
         self.model = model or TinyPhysicsModel(resolve_model_path(model_path), threads=threads)
         self.pool = segments if segments is not None else load_segments(resolve_data_path(data_path))
         self.sim = TinyPhysicsSim(self.model, official_rng=official_rng, expected_reward=expected_reward,
-                                  dynamics=dynamics, noise_group=samples_per_segment if common_noise else 1,
-                                  jerk_weight=jerk_weight, innovations=innovations)
-        self.innovations = innovations
-        self.last_innovations: np.ndarray | None = None
+                                  noise_group=samples_per_segment if common_noise else 1)
         if isinstance(autoreset_mode, str):
             autoreset_mode = gym.vector.AutoresetMode[autoreset_mode.upper()]
         if autoreset_mode == gym.vector.AutoresetMode.DISABLED:
@@ -1466,14 +1434,10 @@ class TinyPhysicsVectorEnv(gym.vector.VectorEnv):
         b = self.num_envs
         if self._needs_reset:
             obs, info = self._start_episodes()
-            if self.innovations:  # the reset step draws nothing
-                self.last_innovations = np.zeros((b, NUM_INNOVATION_FEATURES))
             return obs, np.zeros(b), np.zeros(b, bool), np.zeros(b, bool), info
         t = self.sim.t
         self.sim.step(np.asarray(actions, dtype=np.float64).reshape(b))
         rewards = self.sim.step_reward(t)
-        if self.innovations:
-            self.last_innovations = self.sim.innovation_features(t)
         done = self.sim.t == COST_END_IDX
         terminated, truncated = np.full(b, done), np.zeros(b, bool)
         if not done:

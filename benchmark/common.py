@@ -2,10 +2,8 @@
 
 import statistics
 import time
-from collections.abc import Callable
 from pathlib import Path
 
-import gymnasium as gym
 import numpy as np
 
 import tinyphysics_env as te
@@ -39,34 +37,3 @@ def median_training_sps(run_dir: Path) -> float:
     """Median per-iteration SPS of a ppo_lateral.py run, skipping row 0 (the start) and row 1 (warm-up)."""
     with np.load(run_dir / "training_stats.npz") as stats:
         return float(np.median(stats["sps"][2:]))
-
-
-def scoring_inputs(eval_data_path: str | None, count: int, sim_model_path: str | None,
-                   threads: int) -> tuple[te.Segments, te.SimModel]:
-    """The first `count` held-out segments (found as ppo_lateral_eval.py finds data) and the simulator model."""
-    segments = te.load_segments(te.resolve_data_path(eval_data_path), progress=False)
-    segments = segments.subset(np.arange(min(count, len(segments))))
-    return segments, te.load_sim_model(te.resolve_model_path(sim_model_path), threads=threads)
-
-
-BASE_OBSERVE = te.observe
-Features = Callable[[te.TinyPhysicsSim, np.ndarray], np.ndarray]
-
-
-def observe_with(features: Features) -> Callable[..., np.ndarray]:
-    """An observe function: `te.observe` (in float64) followed by features(sim, that observation)."""
-    def observe(sim: te.TinyPhysicsSim, dtype=np.float32) -> np.ndarray:
-        base = BASE_OBSERVE(sim, np.float64)
-        return np.concatenate([base, features(sim, base)], axis=1).astype(dtype)
-    return observe
-
-
-def extend_observation(extra_layout: tuple[tuple[str, int], ...], features: Features) -> None:
-    """Give this process a longer observation for an input probe: ppo_lateral reads te.OBS_DIM, te.observe and
-    the layout (for its normaliser, by the entries' names) when it runs. The bounds are left open: nothing in
-    training reads them. The exported controller and ppo_lateral_eval.py do not know the extra inputs, so a
-    probe's run is scored by its own evaluations."""
-    te.OBS_LAYOUT = te.OBS_LAYOUT + extra_layout
-    te.OBS_DIM = sum(n for _, n in te.OBS_LAYOUT)
-    te.observe = observe_with(features)
-    te.observation_space = lambda pool: gym.spaces.Box(-np.inf, np.inf, (te.OBS_DIM,), np.float32)

@@ -230,7 +230,7 @@ def training_sps(args: Args, num_envs: int, compile: bool, runs: Path) -> float:
                "--total-timesteps", str(num_envs * 100 * args.train_iterations), "--synthetic-train", "64",
                "--samples-per-segment", str(max(8, num_envs // 64)),
                "--eval-data-path", str(Path(args.assets) / "data"), "--eval-segments", "1",
-               "--eval-every", str(10**12), "--checkpoint-every", str(10**12), "--bc-segments", "0",
+               "--eval-every", str(10**12), "--checkpoint-every", str(10**12),
                "--sim-model-path", str(Path(args.assets) / "models" / "tinyphysics.onnx"), "--runs-dir", str(runs),
                "--no-progress"] + (["--compile"] if compile else [])
     done = subprocess.run(command, capture_output=True, text=True)

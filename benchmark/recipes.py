@@ -25,6 +25,7 @@ import numpy as np
 import tyro
 
 import ppo_lateral as pl
+import ppo_lateral_eval as ev
 import tinyphysics_env as te
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -37,7 +38,7 @@ TARGET_RATIOS = (0.93, 0.85)
 
 @dataclass
 class Args:
-    variant: tuple[str, ...] = ("residual=--action-mode residual",)
+    variant: tuple[str, ...] = ("defaults=",)
     """name=flags, one training recipe each (flags added to the headline command)"""
     seeds: tuple[int, ...] = (1,)
     """one training run per seed and variant"""
@@ -117,7 +118,7 @@ def plot_curves(finished: dict[str, list[dict]], baselines: dict, out: Path) -> 
 def recipe_flags(checkpoint: dict) -> str:
     """The flags by which a checkpoint's run differs from the defaults, as the command line takes them
     (arguments that only place a run left out)."""
-    saved = asdict(pl.saved_args(checkpoint))
+    saved = asdict(pl.saved_args(checkpoint, "the adopted run"))
     changed = {k: v for k, v in saved.items() if getattr(pl.Args, k, v) != v and k not in PLUMBING}
 
     def flag(name: str, value) -> str:
@@ -128,16 +129,20 @@ def recipe_flags(checkpoint: dict) -> str:
     return " ".join(flag(k, v) for k, v in changed.items())
 
 
-def make_record(name: str, run_dir: Path, wall: float, model, sets: dict, teacher: dict) -> dict:
+def make_record(name: str, run_dir: Path, wall: float, paths: dict, model_path: Path, teacher: dict) -> dict:
     """A finished run's JSON-lines record: its flags and seed as it saved them, its curve, and its final
-    policy scored official-exactly on every set."""
-    agent, checkpoint = pl.load_agent(run_dir / "final_model.pt")
-    final = {k: pl.evaluate(agent, model, segs)["total_cost"] for k, segs in sets.items()}
+    policy scored by ppo_lateral_eval.py (official-exact) on every set. The run is named by its folder alone,
+    so a record holds no path of the machine that made it."""
+    _, checkpoint = pl.load_agent(run_dir / "final_model.pt")
+    final = {k: ev.evaluate_cli(ev.Args(model_path=str(run_dir / "final_model.pt"), data_path=str(path),
+                                        num_segs=len(te.list_segment_files(Path(path))), baseline="none",
+                                        sim_model_path=str(model_path), progress=False)
+                                )["per_segment"]["policy:final_model.pt"]["total_cost"] for k, path in paths.items()}
     with np.load(run_dir / "training_stats.npz") as stats:
         evaluated = np.isfinite(stats["eval_total_cost"])
         curve = np.stack([stats["global_step"][evaluated], stats["eval_total_cost"][evaluated]])
     return {"variant": name, "flags": recipe_flags(checkpoint),
-            "seed": checkpoint["args"]["seed"], "run_dir": str(run_dir), "wall_s": wall, "curve": curve.tolist(),
+            "seed": checkpoint["args"]["seed"], "run": run_dir.name, "wall_s": wall, "curve": curve.tolist(),
             **{k: summary(v) for k, v in final.items()}, "per_segment_synthetic": final["synthetic"].tolist(),
             "teacher": teacher}
 
@@ -152,7 +157,8 @@ def main(args: Args) -> None:
     model_path, real_path = te.resolve_model_path(args.sim_model_path), te.resolve_data_path(args.eval_data_path)
     synthetic_path = te.cached_synthetic(args.heldout_synthetic, args.heldout_seed, "heldout-")
     model = te.TinyPhysicsModel(model_path)
-    sets = {"synthetic": te.load_segments(synthetic_path), "real": te.load_segments(real_path)}
+    paths = {"synthetic": synthetic_path, "real": real_path}
+    sets = {k: te.load_segments(path) for k, path in paths.items()}
     per_segment = {name: {k: controller_costs(model, segs, name) for k, segs in sets.items()}
                    for name in ("pid", "pid_ff")}
     baselines = {name: {k: summary(v) for k, v in costs.items()} for name, costs in per_segment.items()}
@@ -177,7 +183,7 @@ def main(args: Args) -> None:
 
     for spec in args.adopt:
         name, _, run_dir = spec.partition("=")
-        keep(make_record(name, Path(run_dir), wall_time(Path(run_dir)), model, sets, teacher))
+        keep(make_record(name, Path(run_dir), wall_time(Path(run_dir)), paths, model_path, teacher))
     for spec in args.variant if not (args.replot or args.adopt) else ():
         name, _, flags = spec.partition("=")
         for seed in args.seeds:
@@ -192,7 +198,7 @@ def main(args: Args) -> None:
             if done.returncode:
                 print(f"| {name} | {seed} | failed: {done.stderr.strip().splitlines()[-1]} |", flush=True)
                 continue
-            keep(make_record(name, Path(done.stdout.strip().splitlines()[-1]), wall, model, sets, teacher))
+            keep(make_record(name, Path(done.stdout.strip().splitlines()[-1]), wall, paths, model_path, teacher))
     if args.plot:
         plot_curves(finished, baselines, ROOT / "benchmark" / f"{args.plot}.png")
     print("\n| variant | seeds | synthetic mean | vs pid_ff | synthetic median | vs pid_ff | segments better than "

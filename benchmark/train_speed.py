@@ -51,7 +51,7 @@ def raw_steps_per_second(envs: te.TinyPhysicsVectorEnv, steps: int) -> float:
 def training_steps_per_second(args: Args, runs_dir: str) -> float:
     train_args = pl.Args(sim_model_path=args.sim_model_path, eval_data_path=args.eval_data_path, synthetic_train=512,
                          num_envs=args.num_envs, total_timesteps=args.num_envs * 100 * args.iterations,
-                         eval_every=10**12, checkpoint_every=10**12, bc_segments=0, eval_segments=1,
+                         eval_every=10**12, checkpoint_every=10**12, eval_segments=1,
                          runs_dir=runs_dir, progress=False, compile=args.compile,
                          sim_backend=args.sim_backend)
     return median_training_sps(pl.train(train_args))
@@ -66,7 +66,7 @@ def main(args: Args) -> None:
         # the K copies' shared noise are the simulator's work), so the difference is the learner's alone.
         defaults = pl.Args()
         envs = te.TinyPhysicsVectorEnv(args.num_envs, segments=te.load_segments(folder, progress=False), model=model,
-                                       autoreset_mode="same_step", expected_reward=defaults.expected_reward,
+                                       autoreset_mode="same_step", expected_reward=True,
                                        samples_per_segment=defaults.samples_per_segment,
                                        common_noise=defaults.common_noise)
         raw, trained = [], []

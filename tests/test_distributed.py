@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def _flags(model_path, real_data, runs_dir, **overrides):
     flags = {"sim-model-path": model_path, "eval-data-path": real_data, "synthetic-train": 16, "eval-segments": 2,
              "num-envs": 8, "samples-per-segment": 2, "num-steps": 20, "total-timesteps": 640, "num-minibatches": 2,
-             "update-epochs": 2, "bc-segments": 16, "bc-epochs": 30, "eval-every": 640, "checkpoint-every": 320,
+             "update-epochs": 2, "warm-start-segments": 16, "eval-every": 640, "checkpoint-every": 320,
              "runs-dir": runs_dir,
              **overrides}
     return [x for k, v in flags.items() for x in (f"--{k}", str(v))] + ["--no-progress"]
@@ -85,14 +85,14 @@ import tinyphysics_env as te
 dist.init_process_group("gloo")
 rank, world = dist.get_rank(), dist.get_world_size()
 torch.manual_seed(0)
-replica, whole = pl.Agent(te.OBS_DIM, 16, "delta", 0.25), pl.Agent(te.OBS_DIM, 16, "delta", 0.25)
+replica, whole = pl.Agent(te.OBS_DIM, 16), pl.Agent(te.OBS_DIM, 16)
 whole.load_state_dict(replica.state_dict())
 obs = torch.randn(8 * world, te.OBS_DIM, generator=torch.Generator().manual_seed(1))
 actions = torch.randn(8 * world, 1, generator=torch.Generator().manual_seed(2))
 
 
 def loss(agent, x, a):
-    _, logprob, _, value = agent.get_action_and_value(x, a)
+    _, logprob, _, value = agent.get_action_and_value(x, a, torch.zeros_like(a))
     return (value[:, 0] ** 2).mean() - logprob.mean()
 
 

@@ -119,19 +119,26 @@ def test_fewer_segments_than_asked_are_all_scored(assets_flags, eval_cli):
     assert code == 0 and "only 10 segments found; scoring all of them" in stderr
 
 
-def _policy_checkpoint(path: Path, seed: int = 0, mode: str = "delta", curvature: bool = False) -> Path:
+def _policy_checkpoint(path: Path, seed: int = 0, curvature: bool = False) -> Path:
     """A policy whose actions are not ~0, saved as ppo_lateral saves one."""
     torch.manual_seed(seed)
-    agent = pl.Agent(te.OBS_DIM, 32, mode, 0.25, curvature_inputs=curvature)
+    agent = pl.Agent(te.OBS_DIM, 32, curvature_inputs=curvature)
     torch.nn.init.normal_(agent.actor_mean[-1].weight, std=0.3)
-    pl.save_checkpoint(pl.policy_checkpoint(agent, global_step=0), path)
+    pl.save_checkpoint(pl.policy_checkpoint(agent, _observations(), global_step=0), path)
     return path
 
 
-@pytest.mark.parametrize("mode, curvature", [("delta", False), ("residual", False), ("residual", True)])
+def _observations(n: int = 64) -> torch.Tensor:
+    """Observations of roughly the dataset's ranges (speeds near 20 m/s), for the check at a save."""
+    obs = torch.as_tensor(np.random.default_rng(0).normal(0, 1, (n, te.OBS_DIM)), dtype=torch.float32)
+    obs[:, te.obs_slices()["v_ego"]] += 20.0
+    return obs
+
+
+@pytest.mark.parametrize("curvature", [False, True])
 def test_exported_controller_scores_like_the_checkpoint(tmp_path, assets_flags, controllers_dir, model, real_segments,
-                                                        eval_cli, mode, curvature):
-    checkpoint = _policy_checkpoint(tmp_path / "policy.pt", mode=mode, curvature=curvature)
+                                                        eval_cli, curvature):
+    checkpoint = _policy_checkpoint(tmp_path / "policy.pt", curvature=curvature)
     from_checkpoint = tmp_path / "checkpoint.csv"
     code, stderr = eval_cli(*assets_flags, "--model-path", str(checkpoint), "--baseline", "none", "--results-csv",
                             str(from_checkpoint), "--export-controller", str(controllers_dir / "ppo.py"))
@@ -150,6 +157,52 @@ def test_exported_controller_scores_like_the_checkpoint(tmp_path, assets_flags, 
     # The official-style literal loop drives the exported file exactly as tinyphysics.py would.
     literal = te.reference_rollout(model, real_segments, 2, te.load_controller(str(controllers_dir / "ppo.py"))())
     assert literal["total_cost"] == pytest.approx(a.total_cost[2], rel=1e-12)
+
+
+DRIVE_THE_CONTROLLER = """
+import json, sys
+from collections import namedtuple
+sys.path[:0] = [sys.argv[1], sys.argv[2]]  # the numpy-only folder, the folder that holds controllers/
+from controllers.ppo import Controller
+State = namedtuple("State", "roll_lataccel v_ego a_ego")
+Plan = namedtuple("Plan", "lataccel roll_lataccel v_ego a_ego")
+calls = json.loads(open(sys.argv[3]).read())
+controller = Controller()
+steers = [controller.update(c["target"], c["current"], State(*c["state"]), Plan(*c["plan"])) for c in calls]
+assert not [m for m in sys.modules if m.split(".")[0] in ("torch", "tinyphysics_env", "ppo_lateral", "pandas")]
+print(json.dumps(steers))
+"""
+
+
+def test_exported_controller_runs_in_an_interpreter_with_numpy_alone(tmp_path, assets_flags, controllers_dir,
+                                                                    real_segments, eval_cli):
+    """The exported file imports numpy and nothing else: in a fresh interpreter whose path holds only the
+    controller's folder and numpy, it steers as it does here."""
+    checkpoint = _policy_checkpoint(tmp_path / "p.pt", curvature=True)
+    code, stderr = eval_cli(*assets_flags, "--model-path", str(checkpoint), "--baseline", "none", "--num-segs", "1",
+                            "--export-controller", str(controllers_dir / "ppo.py"))
+    assert code == 0, stderr
+    numpy_only = tmp_path / "numpy_only"
+    numpy_only.mkdir()
+    for name in ("numpy", "numpy.libs"):  # numpy.libs: the wheels' bundled BLAS, where there is one
+        if (Path(np.__file__).parent.parent / name).exists():
+            (numpy_only / name).symlink_to(Path(np.__file__).parent.parent / name)
+    seg = real_segments.first(1)
+    rows = {f: np.asarray(getattr(seg, f))[0] for f in ("target_lataccel", "roll_lataccel", "v_ego", "a_ego")}
+    calls = [{"target": rows["target_lataccel"][t], "current": rows["target_lataccel"][t - 1] + 0.01 * np.sin(t),
+              "state": [rows[f][t] for f in ("roll_lataccel", "v_ego", "a_ego")],
+              "plan": [list(rows[f][t + 1:t + 50]) for f in ("target_lataccel", "roll_lataccel", "v_ego", "a_ego")]}
+             for t in range(te.CONTEXT_LENGTH, 160)]
+    (tmp_path / "calls.json").write_text(json.dumps(calls, default=float))
+    calls = json.loads((tmp_path / "calls.json").read_text())
+    done = subprocess.run([sys.executable, "-I", "-S", "-c", DRIVE_THE_CONTROLLER, str(numpy_only),
+                           str(controllers_dir.parent), str(tmp_path / "calls.json")], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr
+    here = te.load_controller(str(controllers_dir / "ppo.py"))()
+    expected = [here.update(c["target"], c["current"], te.State(*c["state"]), te.FuturePlan(*c["plan"]))
+                for c in calls]
+    assert json.loads(done.stdout) == expected and np.ptp(expected[80:]) > 0
 
 
 @pytest.mark.parametrize("case, message", [

@@ -173,10 +173,10 @@ def test_a_raising_controller_shows_its_traceback_then_names_where(tmp_path, mod
 
 
 def test_non_finite_policy_weights_are_a_one_line_error(tmp_path, model_path, real_data, eval_cli):
-    agent = pl.Agent(te.OBS_DIM, 8, "delta", 0.25)
+    agent = pl.Agent(te.OBS_DIM, 8)
     with torch.no_grad():
         agent.actor_mean[-1].bias.fill_(float("nan"))
-    pl.save_checkpoint(pl.policy_checkpoint(agent, global_step=0), tmp_path / "nan.pt")
+    pl.save_checkpoint(pl.policy_checkpoint(agent, torch.zeros((4, te.OBS_DIM)), global_step=0), tmp_path / "nan.pt")
     code, stderr = eval_cli(*_eval_flags(tmp_path, model_path, real_data), "--model-path", str(tmp_path / "nan.pt"))
     assert code == 2 and stderr.count("\n") == 1, stderr
     assert "the policy's steer is nan at step 100 of segment 00000" in stderr
@@ -185,8 +185,8 @@ def test_non_finite_policy_weights_are_a_one_line_error(tmp_path, model_path, re
 
 def _small_run(tmp_path, model_path, real_data, **overrides) -> pl.Args:
     base = dict(sim_model_path=str(model_path), eval_data_path=str(real_data), synthetic_train=16, eval_segments=1,
-                num_envs=4, samples_per_segment=2, num_steps=20, num_minibatches=2, update_epochs=1, bc_segments=0,
-                checkpoint_every=80, runs_dir=str(tmp_path / "runs"), progress=False)
+                num_envs=4, samples_per_segment=2, num_steps=20, num_minibatches=2, update_epochs=1,
+                warm_start_segments=0, checkpoint_every=80, runs_dir=str(tmp_path / "runs"), progress=False)
     return pl.Args(**{**base, **overrides})
 
 

@@ -1,8 +1,9 @@
-"""ppo_lateral.py: artifacts, GAE, resume, determinism, compile, argument checks, signals."""
+"""ppo_lateral.py: artifacts, the pinned recipe, GAE and advantages, exploration noise, resume, old checkpoints,
+determinism, compile, argument checks, signals."""
 
-import contextlib
 import dataclasses
 import functools
+import json
 import os
 import re
 import shutil
@@ -27,7 +28,7 @@ def _tiny_args(runs_dir: Path, model_path, real_data, **overrides) -> pl.Args:
     """A few-hundred-step run on synthetic segments, evaluated on 2 real ones."""
     base = dict(sim_model_path=str(model_path), eval_data_path=str(real_data), synthetic_train=16,
                 eval_segments=2, num_envs=4, samples_per_segment=2, num_steps=20, total_timesteps=320,
-                num_minibatches=2, update_epochs=2, bc_segments=4, bc_epochs=1, eval_every=160,
+                num_minibatches=2, update_epochs=2, warm_start_segments=2, eval_every=160,
                 checkpoint_every=160, runs_dir=str(runs_dir), progress=False)
     return pl.Args(**{**base, **overrides})
 
@@ -66,7 +67,7 @@ def test_tiny_run_writes_every_artifact(default_run, model_path, real_data):
     scalars = set(events.Tags()["scalars"])
     for tag in ("charts/SPS", "charts/learning_rate", "losses/policy_loss", "losses/value_loss", "losses/entropy",
                 "losses/approx_kl", "losses/clipfrac", "losses/explained_variance", "eval/total_cost", "charts/gamma",
-                "eval/lataccel_cost", "eval/jerk_cost", "bc/actor_mse"):
+                "eval/lataccel_cost", "eval/jerk_cost", "warm_start/value_mse"):
         assert tag in scalars, tag
     assert any("hyperparameters" in t for t in events.Tags()["tensors"])
 
@@ -81,7 +82,7 @@ def test_tiny_run_writes_every_artifact(default_run, model_path, real_data):
 
 def test_episodic_costs_are_logged_when_episodes_end(tiny):
     stats = _stats(pl.train(tiny(num_steps=100, total_timesteps=1600, eval_every=10**9, checkpoint_every=10**9,
-                                      bc_segments=0)))
+                                      warm_start_segments=0)))
     ended = np.isfinite(stats["episodic_total_cost"])
     np.testing.assert_array_equal(stats["global_step"][ended], [1600])  # 400 steps per episode, 4 envs
     assert stats["episodic_total_cost"][ended][0] > 0
@@ -167,16 +168,9 @@ def test_extending_a_finished_run_is_the_longer_run(tiny):
     _same_stats(a, b)
 
 
-@pytest.mark.parametrize("saved, extend_to, problem", [
-    (dict(lr_schedule="linear"), 480, "--lr-schedule linear schedule is laid out over its budget"),
-    (dict(final_logstd=-5.0), 480, "--final-logstd schedule is laid out over its budget"),
-    ({}, 320, "the checkpoint is at step 320; extend to at least one more batch"),
-])
-def test_extend_to_refuses_what_would_not_be_the_longer_run(default_run, saved, extend_to, problem):
-    checkpoint = torch.load(default_run / "checkpoints" / "checkpoint_320.pt", weights_only=False)
-    checkpoint["args"].update(saved)
-    with pytest.raises(te.TinyPhysicsError, match=re.escape(problem)):
-        pl.extended_budget(checkpoint, extend_to)
+def test_extend_to_refuses_what_would_not_be_the_longer_run(default_run):
+    with pytest.raises(te.TinyPhysicsError, match="the checkpoint is at step 320; extend to at least one more batch"):
+        pl.train(pl.Args(resume=str(default_run / "checkpoints" / "checkpoint_320.pt"), extend_to=320))
 
 
 def test_extend_to_needs_a_run_to_continue(tiny):
@@ -188,10 +182,8 @@ def test_numpy_policy_mirrors_the_torch_agent():
     """numpy_policy (official scoring, export) and the torch agent (training) map observations to the same steer."""
     obs = np.random.default_rng(0).normal(0, 1, (50, te.OBS_DIM)).astype(np.float32)
     obs[:, te.obs_slices()["v_ego"]] += 20.0
-    for mode, dist, curvature in [("delta", "gaussian", False), ("absolute", "gaussian", False),
-                                  ("residual", "gaussian", False), ("residual", "tanh", False),
-                                  ("delta", "tanh", False), ("residual", "gaussian", True)]:
-        agent = pl.Agent(te.OBS_DIM, 16, mode, 0.25, policy_dist=dist, curvature_inputs=curvature)
+    for curvature in (False, True):
+        agent = pl.Agent(te.OBS_DIM, 16, curvature_inputs=curvature)
         torch.nn.init.normal_(agent.actor_mean[0].weight, std=0.5)  # the curvature inputs' weights too
         torch.nn.init.normal_(agent.actor_mean[-1].weight, std=0.5)  # a policy whose actions are not all ~0
         x = torch.as_tensor(obs)
@@ -200,6 +192,59 @@ def test_numpy_policy_mirrors_the_torch_agent():
         steer = pl.numpy_policy(agent.numpy_params(), obs)
         np.testing.assert_allclose(steer, expected, atol=1e-5)  # torch runs in float32, numpy_policy in float64
         assert np.ptp(steer) > 0.1
+
+
+# --- The recipe, pinned ------------------------------------------------------------------------
+RECIPE = dict(num_envs=64, num_steps=100, samples_per_segment=4, common_noise=True, antithetic_noise=True,
+              noise_correlation=0.9, learning_rate=4e-4, gamma=0.9, late_gamma=(0.95, 0.98),
+              late_gamma_from=(1_000_000, 4_000_000), gae_lambda=1.0, num_minibatches=4, update_epochs=4,
+              norm_adv=True, clip_coef=0.05, clip_vloss=True, ent_coef=0.0, vf_coef=0.5, max_grad_norm=0.5,
+              target_kl=None, hidden=64, curvature_inputs=True, init_logstd=-4.0, warm_start_segments=256)
+RECIPE_CONSTANTS = dict(TEACHER="pid_ff", RESIDUAL_SCALE=0.25, REWARD_SCALE=0.1, LR_HALF_LIFE=500_000,
+                        EMA_DECAY=0.97, WARM_START_EPOCHS=30)
+# One seeded update of the default recipe on a fixed batch (the test below): its losses, as this code computes
+# them. They move with any change to the loss, the advantages, the noise's log-probability, the agent, its
+# initialisation or the optimizer; a change of CPU moves them by float rounding only, far inside the tolerance.
+PINNED_UPDATE = {"policy_loss": 0.0964416, "value_loss": 2.924972, "approx_kl": 1.354928, "advantage_0": 1.888906,
+                 "actor_out": 0.4471936}
+
+
+def test_the_default_recipe_is_pinned():
+    """A change to the recipe must be deliberate: the defaults, the recipe's constants and one seeded update."""
+    defaults = pl.Args()
+    assert {k: getattr(defaults, k) for k in RECIPE} == RECIPE
+    assert {k: getattr(pl, k) for k in RECIPE_CONSTANTS} == RECIPE_CONSTANTS
+    assert [pl.learning_rate_at(s, defaults) for s in (0, 500_000, 1_500_000)] == pytest.approx([4e-4, 2e-4, 1e-4])
+    assert [pl.gamma_at(s, defaults) for s in (999_999, 1_000_000, 3_999_999, 4_000_000)] == [0.9, 0.95, 0.95, 0.98]
+
+    args = pl.Args(num_envs=8, num_steps=16)  # the default recipe on a batch small enough for a test
+    torch.manual_seed(0)
+    agent = pl.Agent(te.OBS_DIM, args.hidden, args.init_logstd, curvature_inputs=True)
+    torch.nn.init.normal_(agent.actor_mean[-1].weight, std=0.01)  # an actor that has left the teacher
+    rng = np.random.default_rng(0)
+    obs = rng.normal(0.0, 1.0, (16, 8, te.OBS_DIM)).astype(np.float32)
+    obs[..., te.obs_slices()["v_ego"]] += 20.0
+    buf = {"obs": torch.as_tensor(obs), "dones": torch.zeros(16, 8)}
+    buf["dones"][9, :4] = 1.0  # an episode starts mid-rollout in half the environments
+    noise = torch.zeros((8, 1))
+    actions, offsets, logprobs, values = [], [], [], []
+    with torch.no_grad():
+        for step in range(16):
+            noise = noise * (1.0 - buf["dones"][step])[:, None]
+            action, offset, noise = pl.exploration_actions(agent, buf["obs"][step], noise, args.noise_correlation,
+                                                           args.antithetic_noise)
+            _, logprob, _, value = agent.get_action_and_value(buf["obs"][step], action, offset)
+            actions.append(action), offsets.append(offset), logprobs.append(logprob), values.append(value[:, 0])
+    buf.update(actions=torch.stack(actions), noise_offsets=torch.stack(offsets), logprobs=torch.stack(logprobs),
+               values=torch.stack(values), rewards=torch.as_tensor(rng.normal(-0.5, 0.2, (16, 8)), dtype=torch.float32))
+    advantages, returns = pl.advantages_and_returns(agent, buf, buf["obs"][-1], torch.zeros(8), 0.9, args)
+    optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5)
+    np.random.seed(0)
+    row = pl.ppo_update(agent, optimizer, pl.ppo_loss, buf, advantages, returns, args, 1)
+    measured = {k: row[k] for k in ("policy_loss", "value_loss", "approx_kl")}  # (clipfrac is a step function)
+    measured.update(advantage_0=float(advantages[0, 0]),
+                    actor_out=float(agent.actor_mean[-1].weight.detach().abs().sum()))
+    assert measured == pytest.approx(PINNED_UPDATE, rel=1e-3, abs=1e-7), measured
 
 
 def _cli(tmp_path, *flags, **kwargs):
@@ -213,22 +258,15 @@ def _cli(tmp_path, *flags, **kwargs):
     (["--num-minibatches", "3"], "does not divide the batch"),
     (["--num-envs", "64"], "more than the 16 training segments"),
     (["--total-timesteps", "10"], "less than one batch"),
-    (["--sim-backend", "torch", "--cuda-graphs"], "--cuda-graphs needs a CUDA device"),
-    (["--sim-backend", "onnx", "--sim-precision", "bf16"], "apply to --sim-backend torch only"),
-    (["--samples-per-segment", "3"], "--samples-per-segment 3 must divide the 4 environments"),
-    (["--samples-per-segment", "1"],
-     "leaves no rollouts to compare: add --no-segment-baseline --value-baseline --no-common-noise "
-     "--no-antithetic-noise, or use K >= 2"),
-    (["--no-segment-baseline"], "leaves the advantage without a baseline; add --value-baseline"),
-    (["--residual-scale", "0"], "--residual-scale 0.0: must be positive"),
+    (["--samples-per-segment", "3"], "--samples-per-segment 3 must be 2 or more and divide the 4 environments"),
+    (["--samples-per-segment", "1"], "--samples-per-segment 1 must be 2 or more"),
     (["--late-gamma", "1.5"], "--late-gamma 1.5: each must be in (0, 1]"),
     (["--late-gamma", "0.95"], "--late-gamma 0.95 --late-gamma-from 1000000 4000000: give one step for each"),
     (["--late-gamma", "0.95", "0.98", "--late-gamma-from", "5", "5"], "--late-gamma-from 5 5: the steps must be "
                                                                       "increasing"),
-    (["--samples-per-segment", "1", "--no-segment-baseline", "--no-common-noise", "--antithetic-noise"],
-     "must be even"),
-    (["--innovation-cv", "--no-segment-baseline", "--value-baseline"],
-     "--innovation-cv fits its weights on each segment's centred returns: it needs --segment-baseline"),
+    (["--num-envs", "6", "--samples-per-segment", "3"], "must be even"),
+    (["--noise-correlation", "1.0"], "--noise-correlation 1.0: must be in [0, 1)"),
+    (["--warm-start-segments", "-1"], "--warm-start-segments cannot be negative"),
 ])
 def test_bad_arguments_are_refused_before_any_work(tmp_path, model_path, real_data, flags, message):
     base = ["--sim-model-path", str(model_path), "--eval-data-path", str(real_data), "--synthetic-train", "16",
@@ -237,6 +275,18 @@ def test_bad_arguments_are_refused_before_any_work(tmp_path, model_path, real_da
     assert result.returncode == 2
     assert message in result.stderr and result.stderr.count("\n") == 1, result.stderr
     assert not (tmp_path / "runs").exists()
+
+
+def test_help_is_short_user_documentation():
+    """--help is what a user reads: about 120 lines, no field over two docstring lines, no measured scores."""
+    result = subprocess.run([sys.executable, str(ROOT / "ppo_lateral.py"), "--help"], capture_output=True,
+                            text=True, timeout=120, env={**os.environ, "COLUMNS": "120"})
+    assert result.returncode == 0 and len(result.stdout.splitlines()) <= 130, len(result.stdout.splitlines())
+    source = (ROOT / "ppo_lateral.py").read_text()
+    args = source[source.index("class Args:"):source.index("# Parts of the recipe")]
+    docstrings = re.findall(r'"""(.*?)"""', args, flags=re.S)
+    assert len(docstrings) == len(dataclasses.fields(pl.Args)) <= 45
+    assert all(d.count("\n") <= 1 and not re.search(r"measured|\d\d\.\d\d", d) for d in docstrings)
 
 
 def test_no_progress_silences_the_segment_reader(real_data, capsys):
@@ -256,8 +306,8 @@ def test_missing_model_is_a_one_line_error(tmp_path, real_data):
 def test_sigterm_writes_a_checkpoint_that_resumes(tmp_path, model_path, real_data):
     flags = ["--sim-model-path", str(model_path), "--eval-data-path", str(real_data), "--synthetic-train", "16",
              "--eval-segments", "1", "--num-envs", "4", "--samples-per-segment", "2", "--num-steps", "20",
-             "--total-timesteps", "40000", "--bc-segments", "0", "--num-minibatches", "2", "--eval-every", "100000",
-             "--no-progress"]
+             "--total-timesteps", "40000", "--warm-start-segments", "0", "--num-minibatches", "2",
+             "--eval-every", "100000", "--no-progress"]
     env = {**os.environ}
     proc = subprocess.Popen([sys.executable, str(ROOT / "ppo_lateral.py"), *flags], cwd=tmp_path, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -279,8 +329,8 @@ def test_cli_trains_with_the_compiled_torch_simulator(tmp_path, model_path, real
     torch simulator's evaluations are official-exact, so ONNX Runtime scores the final policy the same."""
     result = _cli(tmp_path, "--sim-model-path", str(model_path), "--eval-data-path", str(real_data),
                   "--synthetic-train", "16", "--eval-segments", "1", "--num-envs", "4", "--samples-per-segment", "2",
-                  "--num-steps", "20", "--total-timesteps", "80", "--num-minibatches", "2", "--bc-segments", "0",
-                  "--no-progress", "--sim-backend", "torch", "--compile", "--curvature-inputs")
+                  "--num-steps", "20", "--total-timesteps", "80", "--num-minibatches", "2", "--warm-start-segments",
+                  "0", "--no-progress", "--sim-backend", "torch", "--compile")
     assert result.returncode == 0, result.stderr
     run_dir = Path(tmp_path / result.stdout.strip().splitlines()[-1])
     assert torch.load(run_dir / "final_model.pt", weights_only=False)["args"]["sim_backend"] == "torch"
@@ -293,16 +343,17 @@ def test_cli_trains_with_the_compiled_torch_simulator(tmp_path, model_path, real
     assert onnx_cost == pytest.approx(stats["eval_total_cost"][-1], rel=1e-6)
 
 
-@pytest.mark.parametrize("teacher", ["pid", "pid_ff"])
-def test_batched_teacher_drives_like_the_official_interface(model, real_segments, teacher):
-    """The warm start's demonstrations come from one controller instance driving the whole batch with
-    arrays; with the official random streams its costs equal one instance per segment called with lists."""
+def test_the_warm_starts_teacher_drives_like_the_official_interface(model, real_segments):
+    """The critic's warm start drives the teacher from the observation, as the residual's step 0 does; with
+    the official random streams its costs equal pid_ff's, one instance per segment called with lists."""
     sim = te.TinyPhysicsSim(model)
-    obs, steer, returns = pl.teacher_demonstrations(sim, real_segments, teacher, gamma=0.9, reward_scale=0.1)
-    assert obs.shape == (len(real_segments) * te.COST_STEPS, te.OBS_DIM) and steer.shape == returns.shape
-    batched = sim.costs()["total_cost"]
-    official = te.rollout_controllers(te.TinyPhysicsSim(model), real_segments, te.BUILTIN_CONTROLLERS[teacher])
-    np.testing.assert_array_equal(batched, official["total_cost"])
+    obs, returns = pl.teacher_returns(sim, real_segments, gamma=0.9)
+    assert obs.shape == (len(real_segments) * te.COST_STEPS, te.OBS_DIM) and returns.shape == (len(obs),)
+    official = te.rollout_controllers(te.TinyPhysicsSim(model), real_segments, te.PIDFeedforwardController)
+    np.testing.assert_array_equal(sim.costs()["total_cost"], official["total_cost"])
+    first = returns.reshape(te.COST_STEPS, -1)[-2:]  # the last two steps: r_498 + 0.9 r_499, and r_499
+    rewards = np.stack([sim.step_reward(t) for t in (te.COST_END_IDX - 2, te.COST_END_IDX - 1)]) * pl.REWARD_SCALE
+    np.testing.assert_allclose(first, [rewards[0] + 0.9 * rewards[1], rewards[1]], rtol=1e-12)
 
 
 def test_feedforward_teacher_beats_pid_on_synthetic_segments(model, synthetic_data):
@@ -312,24 +363,14 @@ def test_feedforward_teacher_beats_pid_on_synthetic_segments(model, synthetic_da
     assert ff < 0.6 * pid  # on these 12: 0.44
 
 
-def test_delta_mode_clone_of_the_teacher_trains(tiny):
-    """Outside residual mode the warm start clones the teacher's steer, then PPO trains the clone."""
-    run_dir = pl.train(tiny(action_mode="delta", total_timesteps=160))
-    stats = _stats(run_dir)
-    assert np.isfinite(stats["eval_total_cost"]).sum() == 2 and np.isfinite(stats["policy_loss"][1:]).all()
-    events = EventAccumulator(str(run_dir))
-    events.Reload()
-    assert np.isfinite(events.Scalars("bc/actor_mse")[0].value)
-
-
-# --- Learning past the teacher: residual policy, per-segment baseline, reward normalisation -------------
-@pytest.mark.parametrize("teacher, curvature", [("pid", False), ("pid_ff", False), ("pid_ff", True)])
-def test_residual_policy_at_step_0_is_the_teacher(model, real_segments, teacher, curvature):
+# --- The residual on the teacher, and the advantages ----------------------------------------------
+@pytest.mark.parametrize("curvature", [False, True])
+def test_residual_policy_at_step_0_is_the_teacher(model, real_segments, curvature):
     """The actor's output starts at exactly zero and the teacher is recomputed from the float64 observation
-    with the controller's own arithmetic, so the per-segment official costs are the teacher's to the bit."""
-    agent = pl.Agent(te.OBS_DIM, 16, "residual", 0.25, teacher=teacher, curvature_inputs=curvature)
+    by the controller's own function, so the per-segment official costs are the teacher's to the bit."""
+    agent = pl.Agent(te.OBS_DIM, 16, curvature_inputs=curvature)
     policy = pl.evaluate(agent, model, real_segments)
-    official = te.rollout_controllers(te.TinyPhysicsSim(model), real_segments, te.BUILTIN_CONTROLLERS[teacher])
+    official = te.rollout_controllers(te.TinyPhysicsSim(model), real_segments, te.PIDFeedforwardController)
     np.testing.assert_array_equal(policy["total_cost"], official["total_cost"])
     # From float32 observations (what the network is trained on) the teacher is close, not exact.
     sim = te.TinyPhysicsSim(model)
@@ -350,7 +391,7 @@ def test_curvature_inputs_are_lataccel_minus_roll_over_speed_squared(model, real
     for _ in range(30):
         sim.step(np.zeros(2))
     t = sim.t
-    agent = pl.Agent(te.OBS_DIM, 8, "residual", 0.25, curvature_inputs=True)
+    agent = pl.Agent(te.OBS_DIM, 8, curvature_inputs=True)
     obs = te.observe(sim, np.float64)
     extra = np.concatenate(pl.curvature_inputs(agent.curvature_params, obs), axis=1)
     assert extra.shape == (2, 2 + te.FUTURE_LEN)
@@ -372,7 +413,7 @@ def test_curvature_inputs_are_lataccel_minus_roll_over_speed_squared(model, real
 
 
 def test_residual_training_starts_from_the_teacher(default_run, model, real_data):
-    stats = _stats(default_run)  # the defaults: a residual on pid_ff
+    stats = _stats(default_run)
     held_out = te.load_segments(real_data).subset([0, 1])
     teacher = te.rollout_controllers(te.TinyPhysicsSim(model), held_out, te.PIDFeedforwardController)
     assert stats["eval_total_cost"][0] == teacher["total_cost"].mean()  # row 0: before any update
@@ -380,118 +421,54 @@ def test_residual_training_starts_from_the_teacher(default_run, model, real_data
     assert agent.actor_mean[-1].weight.abs().max() > 0  # PPO moved it
 
 
-def test_segment_baseline_by_hand():
-    """2 steps, 4 envs = 2 segments x K=2: centring subtracts the pair's mean at each step; normalising
-    divides each pair by the standard deviation of its 4 centred entries."""
-    advantages = torch.tensor([[1.0, 3.0, 10.0, 30.0], [2.0, 6.0, -10.0, 10.0]])
-    centred = pl.segment_advantages(advantages, 2, center=True, norm_power=0.0)
-    np.testing.assert_allclose(centred.numpy(), [[-1.0, 1.0, -10.0, 10.0], [-2.0, 2.0, -10.0, 10.0]])
-    both = pl.segment_advantages(advantages, 2, center=True, norm_power=1.0)
+def test_segment_advantages_by_hand():
+    """2 steps, 4 envs = 2 segments x K=2: centring subtracts the pair's mean at each step, then each segment
+    is divided by the standard deviation of its 4 centred entries. With K=4 and groups of 2 (antithetic
+    pairs), each pair is centred on its own mean, not on the mean over all four rollouts."""
+    returns = torch.tensor([[1.0, 3.0, 10.0, 30.0], [2.0, 6.0, -10.0, 10.0]])
     sd_a, sd_b = np.std([-1, 1, -2, 2], ddof=1), np.std([-10, 10, -10, 10], ddof=1)
-    np.testing.assert_allclose(both.numpy(), [[-1 / sd_a, 1 / sd_a, -10 / sd_b, 10 / sd_b],
-                                              [-2 / sd_a, 2 / sd_a, -10 / sd_b, 10 / sd_b]], rtol=1e-6)
-    # K = 1: every environment is its own segment; normalising weighs each alike.
-    alone = pl.segment_advantages(advantages, 1, center=False, norm_power=1.0)
-    np.testing.assert_allclose(alone.numpy(), (advantages / advantages.std(dim=0)).numpy(), rtol=1e-6)
-    # A softer power keeps part of the spread: the pair with 5x the spread keeps sqrt(5)x the weight.
-    soft = pl.segment_advantages(advantages, 2, center=True, norm_power=0.5)
-    np.testing.assert_allclose(soft.numpy(), [[-1 / sd_a**0.5, 1 / sd_a**0.5, -10 / sd_b**0.5, 10 / sd_b**0.5],
-                                              [-2 / sd_a**0.5, 2 / sd_a**0.5, -10 / sd_b**0.5, 10 / sd_b**0.5]],
+    np.testing.assert_allclose(pl.segment_advantages(returns, 2, 2).numpy(),
+                               [[-1 / sd_a, 1 / sd_a, -10 / sd_b, 10 / sd_b],
+                                [-2 / sd_a, 2 / sd_a, -10 / sd_b, 10 / sd_b]], rtol=1e-6)
+    one_step = returns[:1]
+    paired = np.array([[-1.0, 1.0, -10.0, 10.0]])
+    np.testing.assert_allclose(pl.segment_advantages(one_step, 4, 2).numpy(), paired / np.std(paired, ddof=1),
                                rtol=1e-6)
-    # A floor at the median of the two spreads (their mean, for two) lifts the quieter pair's spread to it,
-    # so that pair is divided by more and ends with less weight than the louder one.
-    floor = (sd_a + sd_b) / 2
-    floored = pl.segment_advantages(advantages, 2, center=True, norm_power=1.0, norm_floor=0.5)
-    np.testing.assert_allclose(floored.numpy(), [[-1 / floor, 1 / floor, -10 / sd_b, 10 / sd_b],
-                                                 [-2 / floor, 2 / floor, -10 / sd_b, 10 / sd_b]], rtol=1e-6)
+    whole = np.array([[-10.0, -8.0, -1.0, 19.0]])
+    np.testing.assert_allclose(pl.segment_advantages(one_step, 4, 4).numpy(), whole / np.std(whole, ddof=1),
+                               rtol=1e-6)
 
 
-def test_pair_baseline_by_hand():
-    """1 step, 1 segment x K=4, antithetic pairs (0, 1) and (2, 3): centring on the pair subtracts each
-    pair's own mean (an even function of the noise), not the mean over all four rollouts."""
-    advantages = torch.tensor([[1.0, 3.0, 10.0, 30.0]])
-    np.testing.assert_allclose(pl.segment_advantages(advantages, 4, center=True, norm_power=0.0).numpy(),
-                               [[-10.0, -8.0, -1.0, 19.0]])
-    paired = pl.segment_advantages(advantages, 4, center=True, norm_power=0.0, center_group=2)
-    np.testing.assert_allclose(paired.numpy(), [[-1.0, 1.0, -10.0, 10.0]])
-    normalised = pl.segment_advantages(advantages, 4, center=True, norm_power=1.0, center_group=2)
-    np.testing.assert_allclose(normalised.numpy(), paired.numpy() / np.std([-1, 1, -10, 10], ddof=1), rtol=1e-6)
-
-
-def test_steer_change_penalty_by_hand():
-    """The mean squared change of the deterministic steer (teacher plus residual) from each step's previous
-    step, over the steps whose previous step carried over; its gradient reaches only the actor."""
-    torch.manual_seed(0)
-    agent = pl.Agent(te.OBS_DIM, 8, "residual", 0.25)
-    torch.nn.init.normal_(agent.actor_mean[-1].weight, std=0.5)
-    obs, prev_obs = torch.randn((3, te.OBS_DIM)), torch.randn((3, te.OBS_DIM))
-    carried = torch.tensor([[True], [False], [True]])
-    with torch.no_grad():
-        steer = agent.to_steer(obs, agent.actor_mean(agent.inputs(obs)))
-        prev = agent.to_steer(prev_obs, agent.actor_mean(agent.inputs(prev_obs)))
-    expected = ((steer[0] - prev[0]) ** 2 + (steer[2] - prev[2]) ** 2) / 2
-    penalty = pl.steer_change_penalty(agent, obs, prev_obs, carried)
-    np.testing.assert_allclose(penalty.item(), expected.item(), rtol=1e-6)
-    penalty.backward()
-    assert agent.actor_mean[-1].weight.grad.abs().sum() > 0
-    assert all(p.grad is None for p in agent.critic.parameters())
-
-
-def test_advantages_without_the_value_baseline_by_hand():
+def test_advantages_are_the_returns_against_the_other_rollouts_by_hand():
     """2 steps, 1 segment x K=2, gamma 0.5, lambda 1, the episode ending after the last step (nothing
-    bootstrapped). With the critic's baseline the advantage is the return minus V(s_t), then centred over
-    the pair; without it, the return alone, centred: V no longer enters."""
+    bootstrapped): the critic's targets are the returns, and the advantages are those returns centred over
+    the pair and scaled: the values V(s_t) do not enter."""
     buf = {"rewards": torch.tensor([[1.0, 3.0], [2.0, 0.0]]), "values": torch.tensor([[5.0, -5.0], [1.0, 2.0]]),
            "dones": torch.zeros(2, 2)}
-    agent = pl.Agent(te.OBS_DIM, 8, "residual", 0.25)
+    agent = pl.Agent(te.OBS_DIM, 8)
     next_obs, next_done = torch.zeros(2, te.OBS_DIM), torch.ones(2)
     returns = np.array([[1.0 + 0.5 * 2.0, 3.0 + 0.5 * 0.0], [2.0, 0.0]])
-    args = dict(samples_per_segment=2, segment_norm=False, gae_lambda=1.0)
-    with_v, target = pl.advantages_and_returns(agent, buf, next_obs, next_done, 0.5,
-                                               pl.Args(**args, value_baseline=True))
-    without_v, same_target = pl.advantages_and_returns(agent, buf, next_obs, next_done, 0.5,
-                                                       pl.Args(**args, value_baseline=False))
+    args = pl.Args(samples_per_segment=2, gae_lambda=1.0)
+    advantages, target = pl.advantages_and_returns(agent, buf, next_obs, next_done, 0.5, args)
     np.testing.assert_allclose(target.numpy(), returns)
-    np.testing.assert_allclose(same_target.numpy(), returns)  # the critic's target does not change
-    minus_v = returns - buf["values"].numpy()  # [[-3, 8], [1, -2]]
-    np.testing.assert_allclose(with_v.numpy(), minus_v - minus_v.mean(axis=1, keepdims=True))
-    np.testing.assert_allclose(without_v.numpy(), [[-0.5, 0.5], [1.0, -1.0]])
+    centred = np.array([[-0.5, 0.5], [1.0, -1.0]])
+    np.testing.assert_allclose(advantages.numpy(), centred / np.std(centred, ddof=1), rtol=1e-6)
 
 
-def test_reward_normalizer_tracks_the_discounted_return():
-    norm = pl.RewardNormalizer(3, gamma=0.5)
-    rng = np.random.default_rng(0)
-    seen, running = [], np.zeros(3)
-    for step in range(40):
-        reward, done = rng.normal(0, 5, 3), np.array([step % 7 == 6] * 3)
-        out = norm(reward, done)
-        running = running * 0.5 + reward
-        seen.append(running.copy())
-        np.testing.assert_allclose(out, reward / np.sqrt(np.var(np.concatenate(seen)) + 1e-8), rtol=1e-3)
-        running[done] = 0.0
-
-
-def test_learning_rate_schedules(tiny):
-    args = tiny(learning_rate=1.0, lr_schedule="cosine", final_lr_fraction=0.1)
-    assert pl.learning_rate_at(1, 4, args) == pytest.approx(1.0)
-    assert pl.learning_rate_at(3, 4, args) == pytest.approx(0.1 + 0.9 * 0.5)  # halfway: the middle
-    assert pl.learning_rate_at(2, 4, tiny(learning_rate=1.0, lr_schedule="linear")) == pytest.approx(0.75)
-    assert pl.learning_rate_at(4, 4, tiny(learning_rate=1.0, lr_schedule="constant")) == 1.0
-    inverse = tiny(learning_rate=1.0, lr_schedule="inverse", lr_decay_steps=160)  # 80 steps an iteration
-    assert [pl.learning_rate_at(i, 4, inverse) for i in (1, 3, 5)] == [1.0, 0.5, 1 / 3]  # halved at 160 steps
-    assert pl.learning_rate_at(3, 4, inverse) == pl.learning_rate_at(3, 40, inverse)  # whatever the budget
+def test_learning_rate_halves_at_its_half_life_whatever_the_budget(tiny):
+    short, long = tiny(learning_rate=1.0), tiny(learning_rate=1.0, total_timesteps=10**9)
+    steps = (0, pl.LR_HALF_LIFE, 2 * pl.LR_HALF_LIFE)
+    assert [pl.learning_rate_at(s, short) for s in steps] == [pl.learning_rate_at(s, long) for s in steps] == \
+        pytest.approx([1.0, 0.5, 1 / 3])
 
 
 def test_late_gamma_switches_the_discount_at_its_step(default_run, tiny):
-    """The tiny run's rollouts start at steps 0, 80, 160, 240. A switch from step 0 trains as a run with that
-    gamma, one past the budget as the default run, switches at 160 and 240 as neither; the discount used is
-    logged."""
+    """The tiny run's rollouts start at steps 0, 80, 160, 240. A switch past the budget trains as the default
+    run, switches at 160 and 240 change the weights; the discount used is logged."""
     late = tiny(late_gamma=(0.95, 0.98), late_gamma_from=(160, 240))
     assert [pl.gamma_at(step, late) for step in (0, 80, 159, 160, 239, 240, 10**9)] == \
         [0.9, 0.9, 0.9, 0.95, 0.95, 0.98, 0.98]
     assert pl.gamma_at(10**9, tiny(late_gamma=(), late_gamma_from=())) == 0.9
-    assert [pl.gamma_at(step, tiny()) for step in (999_999, 1_000_000, 3_999_999, 4_000_000)] == \
-        [0.9, 0.95, 0.95, 0.98]  # the defaults
 
     def final(run: Path) -> dict:
         return _weights(run / "final_model.pt")
@@ -499,68 +476,38 @@ def test_late_gamma_switches_the_discount_at_its_step(default_run, tiny):
     def same(a: dict, b: dict) -> bool:
         return all(torch.equal(v, b[k]) for k, v in a.items())
 
-    # without the warm start, whose critic learns --gamma's returns
-    throughout = final(pl.train(tiny(gamma=0.95, exp_name="g95", eval_every=10**9, bc_segments=0)))
-    assert same(final(pl.train(tiny(late_gamma=(0.95,), late_gamma_from=(0,), exp_name="from0", eval_every=10**9,
-                                    bc_segments=0))), throughout)
     assert same(final(pl.train(tiny(late_gamma=(0.95,), late_gamma_from=(320,), exp_name="never",
                                     eval_every=10**9))), final(default_run))
     switched_run = pl.train(dataclasses.replace(late, exp_name="switched", eval_every=10**9))
-    switched = final(switched_run)
-    assert not same(switched, throughout) and not same(switched, final(default_run))
+    assert not same(final(switched_run), final(default_run))
     events = EventAccumulator(str(switched_run))
     events.Reload()
     assert [e.value for e in events.Scalars("charts/gamma")] == pytest.approx([0.9, 0.9, 0.95, 0.98])
 
 
-def test_resume_is_exact_with_the_new_options(tiny):
-    options = dict(action_mode="residual", samples_per_segment=4, common_noise=True, segment_baseline=True,
-                   segment_norm=True, norm_reward=True, lr_schedule="cosine", critic_hidden=24, policy_dist="tanh",
-                   antithetic_noise=True, noise_correlation=0.5, fast_noise_correlation=0.2, segment_norm_power=0.5,
-                   noise_logprob="joint", learn_logstd=False, pair_baseline=True, smooth_coef=10.0,
-                   final_logstd=-4.5, ema_decay=0.5, jerk_weight=1.5, adam_beta1=0.95, anchor_decay=100.0,
+def test_resume_is_exact_with_other_options(tiny):
+    options = dict(samples_per_segment=4, common_noise=False, antithetic_noise=True, noise_correlation=0.5,
                    late_gamma=(0.8,), late_gamma_from=(400,),  # the switch falls after the resume
-                   innovation_cv=True, curvature_inputs=True)
-    full = pl.train(tiny(total_timesteps=640, checkpoint_every=240, eval_every=10**9, **options))
-    checkpoint = torch.load(full / "checkpoints" / "checkpoint_240.pt", weights_only=False)
-    assert checkpoint["optimizer"]["param_groups"][0]["betas"] == (0.95, 0.999)
-    resumed = pl.train(dataclasses.replace(tiny(), resume=str(full / "checkpoints" / "checkpoint_240.pt")))
+                   curvature_inputs=False, hidden=24, clip_vloss=False, num_envs=8)
+    full = pl.train(tiny(total_timesteps=640, checkpoint_every=320, eval_every=10**9, **options))
+    resumed = pl.train(dataclasses.replace(tiny(), resume=str(full / "checkpoints" / "checkpoint_320.pt")))
     _same_stats(_stats(full), _stats(resumed))
     for k, v in _weights(full / "final_model.pt").items():
         assert torch.equal(v, _weights(resumed / "final_model.pt")[k]), k
 
 
-def test_fixed_logstd_stays_at_its_initial_value(default_run, tiny):
-    init = pl.Args.init_logstd
-    assert _weights(default_run / "final_model.pt")["actor_logstd"].item() != pytest.approx(init, abs=1e-6)
-    fixed = pl.train(tiny(learn_logstd=False, exp_name="fixed"))
-    assert _weights(fixed / "final_model.pt")["actor_logstd"].item() == pytest.approx(init, abs=1e-7)
-    assert _weights(fixed / "final_model.pt")["actor_mean.4.weight"].abs().max() > 0  # the mean still learns
-
-
-def test_annealed_logstd_follows_its_schedule(tiny):
-    """--final-logstd: the log-std is set, not learned, linearly from --init-logstd at the first iteration
-    towards the final value; the run's last iteration leaves it at that iteration's value."""
-    args = tiny(init_logstd=-3.0, final_logstd=-5.0, ema_decay=0.0, exp_name="annealed")  # the live weights
-    assert pl.logstd_at(1, 4, args) == -3.0
-    assert pl.logstd_at(3, 4, args) == pytest.approx(-4.0)
-    run = pl.train(args)
-    iterations = args.total_timesteps // (args.num_envs * args.num_steps)
-    assert _weights(run / "final_model.pt")["actor_logstd"].item() == pytest.approx(
-        pl.logstd_at(iterations, iterations, args), abs=1e-6)
-
-
-def test_ema_policy_is_the_running_average_of_the_live_weights(tiny):
-    """--ema-decay d: the saved policy is the live weights after the first update, then d * itself + (1 - d) *
-    the live weights after each later one; checkpoints keep the live weights, from which a run resumes, and
-    the best model is the average that scored best; --eval-live scores the live weights beside it."""
-    run = pl.train(tiny(ema_decay=0.6, checkpoint_every=80, eval_every=80, eval_live=True, exp_name="ema"))
+def test_saved_policy_is_the_running_average_of_the_live_weights(tiny):
+    """The saved policy is the live weights after the first update, then EMA_DECAY * itself + (1 - EMA_DECAY)
+    * the live weights after each later one; checkpoints keep the live weights, from which a run resumes, and
+    the best model is the average that scored best."""
+    run = pl.train(tiny(checkpoint_every=80, eval_every=80, exp_name="ema"))
     checkpoints = [torch.load(run / "checkpoints" / f"checkpoint_{step}.pt", weights_only=False)
                    for step in (80, 160, 240, 320)]
+    decay = pl.EMA_DECAY
     average = {k: v.clone() for k, v in checkpoints[0]["live_agent"].items()}
     for checkpoint in checkpoints[1:]:
         for k, live in checkpoint["live_agent"].items():  # buffers (the normalizer) are constant
-            average[k] = 0.6 * average[k] + 0.4 * live
+            average[k] = decay * average[k] + (1 - decay) * live
     final = _weights(run / "final_model.pt")
     assert not torch.equal(final["actor_mean.4.weight"], checkpoints[-1]["live_agent"]["actor_mean.4.weight"])
     for k, v in average.items():
@@ -569,85 +516,11 @@ def test_ema_policy_is_the_running_average_of_the_live_weights(tiny):
     stats = _stats(run)
     evaluated = stats["eval_total_cost"][np.isfinite(stats["eval_total_cost"])]
     assert torch.load(run / "best_model.pt", weights_only=False)["eval_total_cost"] == evaluated.min()
-    assert [e.step for e in EventAccumulator(str(run)).Reload().Scalars("eval/live_total_cost")] == [80, 160, 240, 320]
 
 
-def test_live_weights_are_scored_only_when_asked(default_run):
-    """With --ema-decay (a default) and without --eval-live an evaluation scores only the average."""
-    assert pl.Args().ema_decay > 0 and not pl.Args().eval_live
-    tags = EventAccumulator(str(default_run)).Reload().Tags()["scalars"]
-    assert "eval/total_cost" in tags and "eval/live_total_cost" not in tags
-
-
-def test_anchor_decay_pulls_the_actor_towards_its_step_0_weights_after_each_step(tiny):
-    """--anchor-decay c: each optimizer step is followed by actor <- actor + lr * c * (anchor - actor), on the
-    actor's weights only. Two updates of one minibatch from the same state, with and without the pull: the
-    pulled weights are the plain step's weights moved that fraction of the way to the anchor."""
-    args = tiny(num_minibatches=1, update_epochs=1, anchor_decay=1000.0, learning_rate=1e-4)
-    torch.manual_seed(0)
-    agent = pl.Agent(te.OBS_DIM, 16, "residual", 0.25)
-    anchor = {k: v.detach().clone() for k, v in agent.actor_mean.named_parameters()}
-    torch.nn.init.normal_(agent.actor_mean[-1].weight, std=0.5)  # the actor has moved off its anchor
-    buf = pl.new_rollout_buffers(8, 4, torch.device("cpu"))
-    buf["obs"], buf["actions"] = torch.randn((8, 4, te.OBS_DIM)), torch.randn((8, 4, 1))
-    advantages, returns = torch.randn((8, 4)), torch.randn((8, 4))
-    after = {}
-    for name, pull in (("plain", None), ("pulled", anchor)):
-        trained = pl.Agent(te.OBS_DIM, 16, "residual", 0.25)
-        trained.load_state_dict(agent.state_dict())
-        optimizer = torch.optim.Adam(trained.parameters(), lr=args.learning_rate, eps=1e-5)
-        np.random.seed(0)  # the same minibatch order, so the same sums
-        pl.ppo_update(trained, optimizer, pl.ppo_loss, buf, advantages, returns, args, 1, contextlib.nullcontext(),
-                      pull)
-        after[name] = {k: v.detach() for k, v in trained.named_parameters()}
-    assert not torch.equal(after["plain"]["actor_mean.4.weight"], agent.actor_mean[-1].weight)  # Adam stepped
-    for k, anchored in anchor.items():
-        expected = after["plain"][f"actor_mean.{k}"] + 0.1 * (anchored - after["plain"][f"actor_mean.{k}"])
-        torch.testing.assert_close(after["pulled"][f"actor_mean.{k}"], expected, rtol=0, atol=1e-7)
-    for k in ("critic.4.weight", "actor_logstd"):
-        assert torch.equal(after["pulled"][k], after["plain"][k]), k
-
-
-def test_full_anchor_decay_holds_the_actor_at_its_step_0_weights(tiny):
-    """lr x --anchor-decay 1: every step returns the actor exactly to its step-0 weights (after the warm start),
-    which checkpoints keep as the anchor, so the scored policy never changes while the critic still learns."""
-    run = pl.train(tiny(learning_rate=0.5, anchor_decay=2.0, lr_schedule="constant", exp_name="anchored"))
-    start = torch.load(run / "best_model.pt", weights_only=False)  # never beaten: the step-0 policy
-    checkpoint = torch.load(run / "checkpoints" / "checkpoint_320.pt", weights_only=False)
-    final = _weights(run / "final_model.pt")
-    assert start["global_step"] == 0  # without the pull the residual's output layer leaves zero (test above)
-    for k, v in checkpoint["anchor"].items():
-        assert torch.equal(v, start["agent"][f"actor_mean.{k}"]), k
-        assert torch.equal(final[f"actor_mean.{k}"], v), k
-    assert not torch.equal(final["critic.4.weight"], start["agent"]["critic.4.weight"])
-    assert np.all(_stats(run)["eval_total_cost"][np.isfinite(_stats(run)["eval_total_cost"])] == start[
-        "eval_total_cost"])
-
-
-def test_tanh_policy_log_probability_is_the_squashed_density():
-    """The stored action is the pre-squash sample u; its logprob is the density of tanh(u), as torch's own
-    transformed distribution computes it, and the zero-initialised residual's deterministic action is 0."""
-    torch.manual_seed(0)
-    agent = pl.Agent(te.OBS_DIM, 16, "residual", 0.25, init_logstd=-0.5, policy_dist="tanh")
-    torch.nn.init.normal_(agent.actor_mean[-1].weight, std=0.5)
-    obs = torch.as_tensor(np.random.default_rng(0).normal(0, 1, (64, te.OBS_DIM)), dtype=torch.float32)
-    with torch.no_grad():
-        u, logprob, _, _ = agent.get_action_and_value(obs)
-        mean = agent.actor_mean(agent.inputs(obs))
-        # in float64: the reference inverts tanh, which float32 cannot do near +-1
-        squashed = torch.distributions.TransformedDistribution(
-            torch.distributions.Normal(mean.double(), agent.actor_logstd.exp().double()),
-            [torch.distributions.TanhTransform()])
-        reference = squashed.log_prob(u.double().tanh()).sum(1)
-    np.testing.assert_allclose(logprob.numpy(), reference.numpy(), rtol=1e-4, atol=1e-4)
-    assert u.abs().max() > 1  # samples beyond +-1 are squashed, not clipped: the steer still moves with them
-    fresh = pl.Agent(te.OBS_DIM, 16, "residual", 0.25, policy_dist="tanh")
-    np.testing.assert_array_equal(pl.numpy_policy(fresh.numpy_params(), obs.double().numpy()),
-                                  pl.teacher_steer(fresh.teacher_params, obs.double().numpy()))
-
-
+# --- Exploration noise ---------------------------------------------------------------------------
 def test_antithetic_pairs_mirror_their_noise():
-    agent = pl.Agent(te.OBS_DIM, 16, "delta", 0.25, init_logstd=-1.0)
+    agent = pl.Agent(te.OBS_DIM, 16, init_logstd=-1.0)
     torch.nn.init.normal_(agent.actor_mean[-1].weight, std=0.5)
     obs = torch.as_tensor(np.random.default_rng(0).normal(0, 1, (8, te.OBS_DIM)), dtype=torch.float32)
     obs = obs.repeat_interleave(2, dim=0)  # pairs share a state, as copies of one segment do at the start
@@ -665,7 +538,7 @@ def test_correlated_noise_is_ar1_with_the_policys_fresh_std():
     """noise_t = rho * noise_{t-1} + N(0, std^2): the lag-1 correlation is rho, the stationary std is
     std / sqrt(1 - rho^2), and the log-probability is the fresh noise's density given the offset."""
     rho, steps, envs = 0.8, 400, 256
-    agent = pl.Agent(te.OBS_DIM, 16, "residual", 0.25, init_logstd=-1.0)
+    agent = pl.Agent(te.OBS_DIM, 16, init_logstd=-1.0)
     obs = torch.zeros((envs, te.OBS_DIM))
     noise, trace = torch.zeros((envs, 1)), []
     torch.manual_seed(0)
@@ -685,76 +558,31 @@ def test_correlated_noise_is_ar1_with_the_policys_fresh_std():
     assert abs(trace.std() / (std / np.sqrt(1 - rho**2)) - 1) < 0.03
 
 
-def test_a_checkpoint_from_before_correlated_noise_resumes_with_white_noise():
-    """Runs written before --noise-correlation (and --noise-logprob) existed trained with white noise (and the
-    conditioned log-probability); resuming one must not switch it to today's defaults."""
-    old = {k: v for k, v in dataclasses.asdict(pl.Args()).items()
-           if k not in ("noise_correlation", "segment_norm_power", "noise_logprob")}
-    resumed = pl.saved_args({"args": old}, resume="r.pt")
-    assert (resumed.noise_correlation, resumed.segment_norm_power, resumed.noise_logprob) == (0.0, 1.0, "conditioned")
-    assert pl.Args().noise_correlation > 0 and pl.Args().noise_logprob == "joint"  # the defaults it must not pick up
-    new = dataclasses.asdict(pl.Args(noise_correlation=0.7, segment_norm_power=0.5, noise_logprob="conditioned"))
-    resumed = pl.saved_args({"args": new}, resume="r.pt")
-    assert (resumed.noise_correlation, resumed.segment_norm_power, resumed.noise_logprob) == (0.7, 0.5, "conditioned")
-
-
-def test_a_checkpoint_from_before_curvature_inputs_loads_and_resumes_without_them(tmp_path):
-    """A policy saved before --curvature-inputs existed read the observation alone: it must load, score and
-    resume that way, not pick up today's default."""
-    agent = pl.Agent(te.OBS_DIM, 8, "residual", 0.25)
-    old = pl.policy_checkpoint(agent, global_step=0)
-    del old["agent_config"]["curvature_inputs"]
-    pl.save_checkpoint(old, tmp_path / "old.pt")
-    loaded, _ = pl.load_agent(tmp_path / "old.pt")
-    assert loaded.curvature_params is None and loaded.actor_mean[0].in_features == te.OBS_DIM
-    assert not loaded.numpy_params()["curvature_inputs"]
-    args = {k: v for k, v in dataclasses.asdict(pl.Args()).items() if k != "curvature_inputs"}
-    assert pl.Args().curvature_inputs and not pl.saved_args({"args": args}).curvature_inputs
-
-
-def test_a_checkpoint_from_before_several_late_gammas_resumes_with_its_one_switch():
-    """--late-gamma first took one value (or None, or did not exist); such a run's arguments still load, and
-    discount as they did."""
-    before = dataclasses.asdict(pl.Args())
-    one = pl.saved_args({"args": {**before, "late_gamma": 0.97, "late_gamma_from": 2_000_000}})
-    assert (one.late_gamma, one.late_gamma_from) == ((0.97,), (2_000_000,))
-    assert [pl.gamma_at(s, one) for s in (1_999_999, 2_000_000)] == [0.9, 0.97]
-    none = pl.saved_args({"args": {**before, "late_gamma": None, "late_gamma_from": 1_000_000}})
-    older = pl.saved_args({"args": {k: v for k, v in before.items() if not k.startswith("late_gamma")}})
-    for args in (none, older):
-        assert (args.late_gamma, args.late_gamma_from) == ((), ()) and pl.gamma_at(10**9, args) == 0.9
-        pl.validate(args)
-
-
-@pytest.mark.parametrize("fast", [None, 0.3])
-def test_joint_noise_logprob_is_the_ar1_process_density_under_the_new_policy(fast):
-    """--noise-logprob joint: summed over a rollout, the per-step log-probabilities under an updated policy
-    are the log-density of its whole AR(1) noise path, n_t = a_t - mean'(s_t) with innovations n_t - rho
-    n_{t-1} (restarting where an episode starts), each environment with its own rho under
-    --fast-noise-correlation; the conditioned log-probabilities are not."""
-    steps, envs = 30, 8
-    args = pl.Args(noise_correlation=0.8, fast_noise_correlation=fast, antithetic_noise=fast is not None)
-    rho = np.where(np.arange(envs) % 4 >= 2, 0.8 if fast is None else fast, 0.8)  # the second pair of each 4
+def test_noise_logprob_is_the_ar1_process_density_under_the_new_policy():
+    """Summed over a rollout, the per-step log-probabilities under an updated policy are the log-density of its
+    whole AR(1) noise path, n_t = a_t - mean'(s_t) with innovations n_t - rho n_{t-1} (restarting where an
+    episode starts); the log-probabilities conditioned on the rollout's stored offsets are not."""
+    steps, envs, rho = 30, 8, 0.8
+    args = pl.Args(noise_correlation=rho)
     torch.manual_seed(0)
-    agent = pl.Agent(te.OBS_DIM, 16, "residual", 0.25, init_logstd=-1.0)
+    agent = pl.Agent(te.OBS_DIM, 16, init_logstd=-1.0)
     torch.nn.init.normal_(agent.actor_mean[-1].weight, std=0.5)
-    buf = pl.new_rollout_buffers(steps, envs, torch.device("cpu"))
-    buf["obs"] = torch.randn((steps, envs, te.OBS_DIM))
+    buf = {"obs": torch.randn((steps, envs, te.OBS_DIM)), "dones": torch.zeros(steps, envs),
+           "actions": torch.zeros(steps, envs, 1), "noise_offsets": torch.zeros(steps, envs, 1)}
     buf["dones"][12, 1] = buf["dones"][17, 2] = 1.0  # environments 1 and 2 start new episodes
-    noise, b_rho = torch.zeros((envs, 1)), pl.batch_noise_correlations(args, buf)
-    env_rho = pl.noise_correlations(args, envs, torch.device("cpu"))
+    noise = torch.zeros((envs, 1))
     with torch.no_grad():
         for step in range(steps):
             noise = noise * (1.0 - buf["dones"][step])[:, None]
             buf["actions"][step], buf["noise_offsets"][step], noise = pl.exploration_actions(
-                agent, buf["obs"][step], noise, env_rho, args.antithetic_noise)
+                agent, buf["obs"][step], noise, rho, True)
         previous = [x.reshape(steps * envs, -1) for x in pl.previous_steps(buf)]
         flat = {k: buf[k].reshape(steps * envs, -1) for k in ("obs", "actions", "noise_offsets")}
-        unchanged = pl.joint_noise_offsets(agent, flat["noise_offsets"], *previous, b_rho)
+        unchanged = pl.carried_noise(agent, flat["noise_offsets"], *previous, args)
         np.testing.assert_allclose(unchanged.numpy(), flat["noise_offsets"].numpy(), atol=1e-6)
 
         torch.nn.init.normal_(agent.actor_mean[-1].weight, std=0.5)  # the policy after an update
-        joint = pl.joint_noise_offsets(agent, flat["noise_offsets"], *previous, b_rho)
+        joint = pl.carried_noise(agent, flat["noise_offsets"], *previous, args)
         logprob = {name: agent.get_action_and_value(flat["obs"], flat["actions"], offsets)[1].reshape(steps, envs)
                    for name, offsets in (("joint", joint), ("conditioned", flat["noise_offsets"]))}
         n = (buf["actions"] - agent.actor_mean(agent.inputs(buf["obs"])))[..., 0].numpy()
@@ -766,118 +594,187 @@ def test_joint_noise_logprob_is_the_ar1_process_density_under_the_new_policy(fas
     assert np.abs(logprob["conditioned"].sum(0).numpy() - density).min() > 0.1
 
 
-@pytest.mark.parametrize("rho", [-0.1, 1.0])
-def test_noise_correlation_outside_0_1_is_refused(rho):
-    with pytest.raises(te.TinyPhysicsError, match=rf"--noise-correlation {rho}: must be in \[0, 1\)"):
-        pl.validate(pl.Args(noise_correlation=rho))
+# --- Checkpoints of earlier versions --------------------------------------------------------------
+OLD_RUN = ROOT / "tests" / "data" / "run_9e7e735"  # a tiny default-flags run of 9e7e735, the last main with variants
 
 
-def test_fast_noise_goes_to_each_segments_second_antithetic_pair():
-    """--fast-noise-correlation: with K=4 rollouts of a segment, rollouts 3 and 4 (one antithetic pair) carry
-    the fast rho; with K=8, pairs 2 and 4. Each environment's noise is the AR(1) process of its own rho."""
-    args = pl.Args(noise_correlation=0.8, fast_noise_correlation=0.3, antithetic_noise=True)
-    assert pl.noise_correlations(args, 8, torch.device("cpu"))[:, 0].tolist() == pytest.approx([0.8] * 2 + [0.3] * 2
-                                                                                            + [0.8] * 2 + [0.3] * 2)
-    args8 = dataclasses.replace(args, samples_per_segment=8)
-    assert pl.noise_correlations(args8, 16, torch.device("cpu"))[:, 0].tolist() == pytest.approx(
-        ([0.8] * 2 + [0.3] * 2) * 4)
-    agent = pl.Agent(te.OBS_DIM, 16, "residual", 0.25, init_logstd=-1.0)
-    obs, noise, trace = torch.zeros((512, te.OBS_DIM)), torch.zeros((512, 1)), []
-    env_rho = pl.noise_correlations(args, 512, obs.device)
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for _ in range(300):
-            _, _, noise = pl.exploration_actions(agent, obs, noise, env_rho, antithetic=True)
-            trace.append(noise[:, 0].numpy().copy())
-    trace, fast = np.array(trace[100:]), np.arange(512) % 4 >= 2
-    for rho, envs in ((0.8, ~fast), (0.3, fast)):
-        assert abs(np.corrcoef(trace[1:, envs].ravel(), trace[:-1, envs].ravel())[0, 1] - rho) < 0.03
+def _old_run_here(tmp_path, model_path, real_data) -> Path:
+    """The old run's folder, its saved paths pointed at this machine's assets (as a user's moved run would)."""
+    run = tmp_path / OLD_RUN.name
+    shutil.copytree(OLD_RUN, run)
+    path = run / "checkpoints" / "checkpoint_80.pt"
+    checkpoint = torch.load(path, weights_only=False)
+    checkpoint["args"].update(sim_model_path=str(model_path), eval_data_path=str(real_data))
+    torch.save(checkpoint, path)
+    return run
 
 
-@pytest.mark.parametrize("flags, problem", [
-    ({"fast_noise_correlation": 1.0}, r"--fast-noise-correlation 1.0: must be in \[0, 1\)"),
-    ({"fast_noise_correlation": 0.5, "samples_per_segment": 2}, "needs --antithetic-noise and --samples-per"),
-    ({"fast_noise_correlation": 0.5, "antithetic_noise": False, "pair_baseline": False},
-     "needs --antithetic-noise and --samples-per"),
-])
-def test_fast_noise_without_a_second_pair_is_refused(flags, problem):
-    with pytest.raises(te.TinyPhysicsError, match=problem):
-        pl.validate(pl.Args(**flags))
+def test_a_checkpoint_of_the_previous_main_loads_scores_exports_and_resumes(tmp_path, model_path, real_data,
+                                                                            real_segments, model):
+    """9e7e735 wrote these files (default flags, a tiny budget, --hidden 8): its final policy scores the
+    per-segment costs that version scored, and its mid-run checkpoint resumes to that version's final policy."""
+    agent, _ = pl.load_agent(OLD_RUN / "final_model.pt")
+    recorded = json.loads((OLD_RUN / "final_model_costs.json").read_text())
+    assert recorded["segments"] == real_segments.names
+    np.testing.assert_array_equal(pl.evaluate(agent, model, real_segments)["total_cost"], recorded["total_cost"])
+
+    run = _old_run_here(tmp_path, model_path, real_data)
+    resumed = pl.train(pl.Args(resume=str(run / "checkpoints" / "checkpoint_80.pt"), progress=False))
+    assert resumed == run
+    for k, v in _weights(OLD_RUN / "final_model.pt").items():  # another CPU may round differently: close, not equal
+        torch.testing.assert_close(_weights(run / "final_model.pt")[k], v, rtol=1e-4, atol=1e-6)
+    old_stats = np.load(OLD_RUN / "training_stats.npz")
+    np.testing.assert_allclose(_stats(run)["value_loss"], old_stats["value_loss"], rtol=1e-4)
 
 
-@pytest.mark.parametrize("power", [0.0, 1.5])
-def test_segment_norm_power_outside_0_1_is_refused(power):
-    with pytest.raises(te.TinyPhysicsError, match=rf"--segment-norm-power {power}: must be in \(0, 1\]"):
-        pl.validate(pl.Args(segment_norm_power=power))
+@pytest.mark.parametrize("flag, value", [("value_baseline", True), ("policy_dist", "tanh"), ("ema_decay", 0.0),
+                                         ("jerk_weight", 1.2), ("teacher", "pid")])
+def test_a_checkpoint_that_used_a_removed_variant_is_refused(tmp_path, flag, value):
+    """A run that used a variant this version no longer has is refused in one line, naming the flag and the last
+    commit that has it; its saved arguments with the removed fields at the recipe's values still load."""
+    checkpoint = torch.load(OLD_RUN / "final_model.pt", weights_only=False)
+    assert pl.saved_args(checkpoint, "old.pt") == pl.Args(**{k: v for k, v in checkpoint["args"].items()
+                                                             if k in {f.name for f in dataclasses.fields(pl.Args)}})
+    checkpoint["args"][flag] = value
+    pl.save_checkpoint(checkpoint, tmp_path / "old.pt")
+    with pytest.raises(te.TinyPhysicsError) as refused:
+        pl.load_agent(tmp_path / "old.pt")
+    assert f"--{flag.replace('_', '-')} {value}" in str(refused.value) and "9e7e735" in str(refused.value)
+    assert "\n" not in str(refused.value)
 
 
-@pytest.mark.parametrize("floor", [-0.1, 1.0])
-def test_segment_norm_floor_outside_0_1_is_refused(floor):
-    with pytest.raises(te.TinyPhysicsError, match=rf"--segment-norm-floor {floor}: must be in \[0, 1\)"):
-        pl.validate(pl.Args(segment_norm_floor=floor))
+def test_a_checkpoint_from_before_curvature_inputs_loads_and_resumes_without_them(tmp_path):
+    """A policy saved before --curvature-inputs existed read the observation alone: it must load, score and
+    resume that way, not pick up today's default."""
+    agent = pl.Agent(te.OBS_DIM, 8)
+    old = pl.policy_checkpoint(agent, torch.zeros((4, te.OBS_DIM)), global_step=0)
+    del old["agent_config"]["curvature_inputs"]
+    pl.save_checkpoint(old, tmp_path / "old.pt")
+    loaded, _ = pl.load_agent(tmp_path / "old.pt")
+    assert loaded.curvature_params is None and loaded.actor_mean[0].in_features == te.OBS_DIM
+    assert not loaded.numpy_params()["curvature_inputs"]
+    args = torch.load(OLD_RUN / "final_model.pt", weights_only=False)["args"]
+    assert args.pop("curvature_inputs") and pl.Args().curvature_inputs
+    assert not pl.saved_args({"version": 3, "args": args}, "old.pt").curvature_inputs
 
 
-@pytest.mark.parametrize("flags, message", [
-    (dict(pair_baseline=True, antithetic_noise=False), "--pair-baseline centres each rollout on its antithetic pair"),
-    (dict(pair_baseline=True, segment_baseline=False, value_baseline=True), "needs --antithetic-noise and "
-                                                                             "--segment-baseline"),
-    (dict(smooth_coef=-1.0), "--smooth-coef -1.0: cannot be negative"),
-    (dict(jerk_weight=-1.0), "--jerk-weight -1.0: cannot be negative"),
-    (dict(ema_decay=1.0), r"--ema-decay 1.0: must be in \[0, 1\)"),
-    (dict(ema_decay=-0.1), r"--ema-decay -0.1: must be in \[0, 1\)"),
-    (dict(adam_beta1=1.0), r"--adam-beta1 1.0: must be in \[0, 1\)"),
-    (dict(lr_decay_steps=0), "--lr-decay-steps 0: need at least 1"),
-    (dict(anchor_decay=-1.0, learning_rate=0.001), r"--anchor-decay -1.0 x --learning-rate 0.001 must be in \[0, 1\]"),
-    (dict(anchor_decay=3.0, learning_rate=0.5), r"--anchor-decay 3.0 x --learning-rate 0.5 must be in \[0, 1\]"),
-])
-def test_misused_flags_are_refused(flags, message):
-    with pytest.raises(te.TinyPhysicsError, match=message):
-        pl.validate(pl.Args(**flags))
+def test_a_checkpoint_from_before_several_late_gammas_resumes_with_its_one_switch():
+    """--late-gamma first took one value (or None, or did not exist); such a run's arguments still load, and
+    discount as they did."""
+    before = torch.load(OLD_RUN / "final_model.pt", weights_only=False)["args"]
+    one = pl.saved_args({"args": {**before, "late_gamma": 0.97, "late_gamma_from": 2_000_000}}, "old.pt")
+    assert (one.late_gamma, one.late_gamma_from) == ((0.97,), (2_000_000,))
+    assert [pl.gamma_at(s, one) for s in (1_999_999, 2_000_000)] == [0.9, 0.97]
+    none = pl.saved_args({"args": {**before, "late_gamma": None, "late_gamma_from": 1_000_000}}, "old.pt")
+    older = pl.saved_args({"args": {k: v for k, v in before.items() if not k.startswith("late_gamma")}}, "old.pt")
+    for args in (none, older):
+        assert (args.late_gamma, args.late_gamma_from) == ((), ()) and pl.gamma_at(10**9, args) == 0.9
+        pl.validate(args)
 
 
-def test_expected_dynamics_training_runs(tiny):
-    stats = _stats(pl.train(tiny(action_mode="residual", sim_dynamics="expected", total_timesteps=160)))
-    assert np.isfinite(stats["policy_loss"][1:]).all() and np.isfinite(stats["eval_total_cost"][-1])
+# --- Honest model selection, and a copy of the script that changes the actor ------------------------
+def test_validation_segments_are_apart_from_training_and_from_the_official_test_set(tmp_path, real_data):
+    """Without --eval-data-path the validation segments (periodic evaluation, best_model.pt) are the last
+    --eval-segments of the training part, not trained on; the official evaluation set (the first 5,000 in
+    sorted order; here, with few segments, the first half) is neither. With --eval-data-path that folder
+    validates, and all of --data-path trains."""
+    te.synthesize_segments(30, seed=3, out_dir=tmp_path / "data")
+    test_set = set(te.load_segments(tmp_path / "data", progress=False).names[:15])
+    train, validation, where = pl.load_splits(pl.Args(data_path=str(tmp_path / "data"), eval_segments=5,
+                                                      progress=False))
+    assert validation.names == [f"{i:05d}" for i in range(25, 30)] and "the last 5 training segments" in where
+    assert train.names == [f"{i:05d}" for i in range(15, 25)]
+    assert not (set(train.names) | set(validation.names)) & test_set
+    train, validation, where = pl.load_splits(pl.Args(data_path=str(tmp_path / "data"), eval_segments=4,
+                                                      eval_data_path=str(real_data), progress=False))
+    assert len(train) == 30 and validation.names == ["00000", "00001", "00002", "00003"] and where == str(real_data)
+    train, validation, _ = pl.load_splits(pl.Args(synthetic_train=12, eval_segments=3, progress=False))
+    assert len(train) == 9 and not set(train.names) & set(validation.names)
+    with pytest.raises(te.TinyPhysicsError, match="--eval-segments 12 leaves none of the 12 training segments"):
+        pl.load_splits(pl.Args(synthetic_train=12, eval_segments=12, progress=False))
 
 
-def test_discounted_innovations_by_hand():
-    """3 steps, 1 environment, 2 features, gamma 0.5, a new episode starting at step 2: the sums run to the
-    episode's end, and from step 2 to the rollout's end."""
-    innovations = torch.tensor([[[1.0, 2.0]], [[4.0, -2.0]], [[8.0, 1.0]]])
-    dones = torch.tensor([[0.0], [0.0], [1.0]])
-    sums = pl.discounted_innovations(innovations, dones, 0.5)
-    np.testing.assert_allclose(sums.numpy(), [[[3.0, 1.0]], [[4.0, -2.0]], [[8.0, 1.0]]])
+def test_saved_policies_record_the_segments_that_chose_them(default_run, real_data):
+    names = te.load_segments(real_data).names[:2]
+    for name in ("best_model.pt", "final_model.pt"):
+        assert torch.load(default_run / name, weights_only=False)["selection_segments"] == names
 
 
-def _control_variate_batch(rng, weights, steps=50, envs=16, noise=0.01):
-    """Innovation sums, and returns whose centred part is a little noise plus those sums times weights, each
-    segment of K=4 at its own scale (as segments differ in difficulty)."""
-    scale = torch.as_tensor(np.repeat(rng.uniform(0.1, 10.0, envs // 4), 4))
-    sums = torch.as_tensor(rng.normal(size=(steps, envs, len(weights)))) * scale[:, None]
-    level = torch.as_tensor(rng.normal(size=(steps, envs // 4))).repeat_interleave(4, dim=1)  # a segment's own
-    centred_noise = noise * torch.as_tensor(rng.normal(size=(steps, envs)))
-    returns = scale * (level + centred_noise) + sums @ torch.as_tensor(weights)
-    return returns, sums
+def _copied_script(tmp_path: Path, old: str, new: str) -> Path:
+    """ppo_lateral.py copied, with one edit, as a user makes a variant."""
+    source = (ROOT / "ppo_lateral.py").read_text()
+    assert source.count(old) == 1
+    script = tmp_path / "ppo_variant.py"
+    script.write_text(source.replace(old, new))
+    return script
 
 
-def test_innovation_control_variate_fits_on_earlier_batches_only():
-    """The first batch passes unchanged (nothing fitted yet); after it, the weights are the ones that built
-    the returns, and they take the innovations' part out of the next batch; a batch's own returns never
-    change what is subtracted from them (so the control variate adds no bias)."""
-    rng = np.random.default_rng(0)
-    weights = np.array([2.0, -1.0, 0.5])
-    cv = pl.InnovationControlVariate(3, samples_per_segment=4, center_group=2)
-    returns, sums = _control_variate_batch(rng, weights)
-    np.testing.assert_array_equal(cv(returns, sums).numpy(), returns.numpy())
-    np.testing.assert_allclose(cv.weights(), weights, rtol=0.02)
-    assert cv.removed == 0.0
-    returns, sums = _control_variate_batch(rng, weights)
-    other = returns + torch.as_tensor(rng.normal(size=returns.shape))
-    state = cv.state_dict()
-    corrected = cv(returns, sums)
-    assert cv.removed > 0.99
-    cv.load_state_dict(state)
-    np.testing.assert_allclose((other - cv(other, sums)).numpy(), (returns - corrected).numpy(), rtol=1e-12)
-    centred = pl.segment_advantages(corrected, 4, center=True, norm_power=0.0, center_group=2)
-    raw = pl.segment_advantages(returns, 4, center=True, norm_power=0.0, center_group=2)
-    assert centred.var() < 0.01 * raw.var()
+TINY_FLAGS = ["--synthetic-train", "16", "--eval-segments", "2", "--num-envs", "4", "--samples-per-segment", "2",
+              "--num-steps", "20", "--total-timesteps", "160", "--num-minibatches", "2", "--warm-start-segments", "0",
+              "--eval-every", "80", "--no-progress"]
+
+
+def test_a_copy_with_a_deeper_relu_actor_trains_saves_scores_and_exports(tmp_path, model_path, real_data):
+    """A variant with one more hidden layer and ReLU instead of tanh needs no other edit: its checkpoints
+    describe the layers, ppo_lateral_eval.py rebuilds and scores them, and the exported controller scores the
+    same per-segment costs."""
+    tanh = ("layer_init(nn.Linear(in_dim, hidden)), nn.Tanh(),\n"
+            "                                 layer_init(nn.Linear(hidden, hidden)), nn.Tanh(),")
+    relu = ("layer_init(nn.Linear(in_dim, hidden)), nn.ReLU(),\n"
+            "                                 layer_init(nn.Linear(hidden, hidden)), nn.ReLU(),\n"
+            "                                 layer_init(nn.Linear(hidden, hidden)), nn.ReLU(),")
+    script = _copied_script(tmp_path, tanh, relu)
+    assets = ["--sim-model-path", str(model_path)]
+    trained = subprocess.run([sys.executable, str(script), *assets, "--eval-data-path", str(real_data), *TINY_FLAGS],
+                             cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert trained.returncode == 0, trained.stderr
+    final = tmp_path / trained.stdout.strip().splitlines()[-1] / "final_model.pt"
+    agent, checkpoint = pl.load_agent(final)  # this module's Agent, rebuilt from the checkpoint's layer list
+    assert [type(m).__name__ for m in agent.actor_mean] == ["Linear", "ReLU"] * 3 + ["Linear"]
+    assert agent.actor_mean[-1].weight.abs().max() > 0  # it trained
+
+    package = tmp_path / "challenge" / "controllers"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("class BaseController:\n    pass\n")
+    results = {}
+    for name, flags in (("checkpoint", ["--model-path", str(final), "--export-controller", str(package / "v.py")]),
+                        ("export", ["--controller", str(package / "v.py")])):
+        scored = subprocess.run([sys.executable, str(ROOT / "ppo_lateral_eval.py"), *assets, "--data-path",
+                                 str(real_data), "--num-segs", "3", "--baseline", "none", "--no-progress",
+                                 "--results-csv", str(tmp_path / f"{name}.csv"), *flags],
+                                cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        assert scored.returncode == 0, scored.stderr
+        results[name] = np.loadtxt(tmp_path / f"{name}.csv", delimiter=",", skiprows=1, usecols=4)
+    np.testing.assert_array_equal(results["checkpoint"], results["export"])
+    assert checkpoint["eval_total_cost"] == pytest.approx(results["checkpoint"][:2].mean(), rel=1e-12)
+
+
+def test_a_numpy_policy_that_does_not_compute_the_agent_is_refused_at_the_first_save(tmp_path, model_path, real_data):
+    script = _copied_script(tmp_path, 'x = (obs - params["obs_offset"]) * params["obs_scale"]',
+                            'x = (obs + params["obs_offset"]) * params["obs_scale"]')
+    result = subprocess.run([sys.executable, str(script), "--sim-model-path", str(model_path), "--eval-data-path",
+                             str(real_data), *TINY_FLAGS], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and result.stderr.count("\n") == 2, result.stderr  # the split it validates on, then
+    assert "error: the numpy policy differs from the torch agent in the inputs (Agent.inputs against numpy_inputs)" \
+        in result.stderr
+    assert not list(tmp_path.rglob("*.pt")) and not list(tmp_path.rglob("*.part"))
+
+
+# --- Weights & Biases (--track, an optional extra) --------------------------------------------------
+def test_track_logs_the_runs_scalars_to_an_offline_wandb_run(tiny, monkeypatch):
+    pytest.importorskip("wandb")  # installed by .ci/run (pip install -e ".[dev,track]")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    run = pl.train(tiny(track=True, total_timesteps=160, eval_every=80, exp_name="tracked"))
+    records = list((run / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(records) == 1 and records[0].stat().st_size > 0
+    data = records[0].read_bytes()
+    assert b"eval/total_cost" in data and b"losses/policy_loss" in data  # the TensorBoard scalars, mirrored
+
+
+def test_track_without_wandb_is_a_one_line_error_before_any_work(tiny, monkeypatch):
+    monkeypatch.setitem(sys.modules, "wandb", None)  # as if the extra were not installed
+    args = tiny(track=True)
+    with pytest.raises(te.TinyPhysicsError, match=re.escape('pip install -e ".[track]"')):
+        pl.train(args)
+    assert not Path(args.runs_dir).exists()

@@ -1,10 +1,14 @@
 import dataclasses
 import shlex
+from pathlib import Path
 
 import pytest
+import torch
 import tyro
 
 import ppo_lateral as pl
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
@@ -14,15 +18,15 @@ def recipes(benchmark_script):
 
 @pytest.mark.parametrize("changes", [
     {},
-    {"gamma": 0.95, "late_gamma": (0.97, 0.98), "late_gamma_from": (2_000_000, 4_000_000), "segment_norm": False,
-     "common_noise": False, "fast_noise_correlation": 0.5, "total_timesteps": 4_000_000, "policy_dist": "tanh"},
-    {"late_gamma": (), "late_gamma_from": (), "final_logstd": -4.5},
+    {"gamma": 0.95, "late_gamma": (0.97, 0.98), "late_gamma_from": (2_000_000, 4_000_000), "antithetic_noise": False,
+     "common_noise": False, "noise_correlation": 0.5, "total_timesteps": 4_000_000, "curvature_inputs": False},
+    {"late_gamma": (), "late_gamma_from": (), "init_logstd": -4.5},
 ])
 def test_an_adopted_runs_flags_give_back_its_recipe(recipes, changes):
     """A record's flags, given to the training script, rebuild the run's arguments (except those that only
     place the run: its seed, data and folders)."""
     args = pl.Args(seed=7, exp_name="placed", **changes)
-    flags = recipes.recipe_flags({"args": dataclasses.asdict(args)})
+    flags = recipes.recipe_flags({"version": pl.CHECKPOINT_VERSION, "args": dataclasses.asdict(args)})
     assert ("--seed" in flags, "--exp-name" in flags) == (False, False)
     rebuilt = tyro.cli(pl.Args, args=shlex.split(flags))
     assert dataclasses.replace(rebuilt, seed=7, exp_name="placed") == args
@@ -32,7 +36,7 @@ def test_an_adopted_runs_flags_give_back_its_recipe(recipes, changes):
 def test_a_run_saved_with_one_late_gamma_reads_as_that_switch(recipes):
     """Checkpoints from before --late-gamma took several steps saved one value (or None): they name that one
     switch (or none), whatever today's defaults."""
-    saved = dataclasses.asdict(pl.Args())
+    saved = torch.load(ROOT / "tests" / "data" / "run_9e7e735" / "final_model.pt", weights_only=False)["args"]
     assert recipes.recipe_flags({"args": {**saved, "late_gamma": 0.95, "late_gamma_from": 1_000_000}}) == \
         "--late-gamma 0.95 --late-gamma-from 1000000"
     assert recipes.recipe_flags({"args": {**saved, "late_gamma": None}}) == "--late-gamma --late-gamma-from"
