@@ -72,10 +72,10 @@ class Args:
     sim_model_path: str | None = None
     """the tinyphysics .onnx model (else $TINYPHYSICS_MODEL, ../models/tinyphysics.onnx, or a download)"""
     data_path: str | None = None
-    """training segments (else $TINYPHYSICS_DATA, ../data, or a download); without --eval-data-path the
-    first 5,000 are held out and the rest are trained on"""
+    """training segments (else $TINYPHYSICS_DATA, ../data, or a download); without --eval-data-path the first
+    5,000 (the official test set) are left out and the last --eval-segments of the rest validate"""
     eval_data_path: str | None = None
-    """held-out segments to evaluate on (all of --data-path is then trained on)"""
+    """validation segments: they draw the evaluation curve and choose best_model.pt (--data-path then all trains)"""
     synthetic_train: int = 0
     """train on this many generated synthetic segments instead of --data-path"""
     eval_segments: int = 100
@@ -140,8 +140,6 @@ class Args:
     """also feed the networks (lataccel - roll) / max(v^2, 1) of the current, target and planned rows"""
     init_logstd: float = -4.0
     """initial log standard deviation of the exploration noise, in action units ([-1, 1] spans the residual)"""
-    warm_start_segments: int = 256
-    """fit the critic to the teacher's returns on this many training segments before PPO starts (0: none)"""
 
     # Evaluation and checkpoints
     eval_every: int = 100_000
@@ -156,7 +154,7 @@ RESIDUAL_SCALE = 0.25  # the largest correction the actor adds to the teacher's 
 REWARD_SCALE = 0.1  # rewards are minus the official per-step cost times this
 LR_HALF_LIFE = 500_000  # the step by which the learning rate has halved
 EMA_DECAY = 0.97  # the evaluated and saved policy averages the weights after each update with this decay
-WARM_START_EPOCHS = 30  # epochs of the critic's warm start over the teacher's returns
+WARM_START_SEGMENTS, WARM_START_EPOCHS = 256, 30  # the critic is fitted to the teacher's returns before PPO
 
 
 def validate(args: Args, world: int = 1) -> None:
@@ -193,8 +191,7 @@ def validate(args: Args, world: int = 1) -> None:
          f"--late-gamma {late_gammas} --late-gamma-from {late_froms}: give one step for each discount"),
         (list(args.late_gamma_from) == sorted(set(args.late_gamma_from)) and min(args.late_gamma_from, default=0) >= 0,
          f"--late-gamma-from {late_froms}: the steps must be increasing and not negative"),
-        (args.synthetic_train >= 0 and args.warm_start_segments >= 0,
-         "--synthetic-train and --warm-start-segments cannot be negative"),
+        (args.synthetic_train >= 0, f"--synthetic-train {args.synthetic_train}: cannot be negative"),
     ]
     for ok, message in checks:
         if not ok:
@@ -255,8 +252,6 @@ def training_segments(args: Args, rank: int, world: int,
     pool, eval_segments, where = load_splits(args, bool(checkpoint) and checkpoint["version"] == 3)
     if rank == 0 and world > 1:
         torch.distributed.barrier()
-    if rank == 0 and not checkpoint:
-        print(f"validating on {len(eval_segments)} segments: {where}", file=sys.stderr)
     if checkpoint:
         check_same_training_segments(checkpoint["train_segments"], pool.names, args)
     share = pool.subset(np.arange(rank, len(pool), world)) if world > 1 else pool
@@ -264,6 +259,8 @@ def training_segments(args: Args, rank: int, world: int,
         raise te.TinyPhysicsError(f"--num-envs {args.num_envs} / --samples-per-segment {args.samples_per_segment} "
                                   f"is more than the {len(share) * world} training segments; use fewer "
                                   "envs or more segments")
+    if rank == 0 and not checkpoint:
+        print(f"validating on {len(eval_segments)} segments: {where}", file=sys.stderr)
     return pool, share, eval_segments
 
 
@@ -875,8 +872,8 @@ REMOVED_FLAGS = {"torch_deterministic": True, "amp": False, "sim_precision": "fp
                  "anchor_decay": 0.0, "reward_scale": REWARD_SCALE, "jerk_weight": 1.0, "expected_reward": True,
                  "ema_decay": EMA_DECAY, "action_mode": "residual", "max_delta": 0.25, "residual_scale": RESIDUAL_SCALE,
                  "critic_hidden": 0, "policy_dist": "gaussian", "learn_logstd": True, "final_logstd": None,
-                 "bc_epochs": WARM_START_EPOCHS, "eval_live": False, "teacher": TEACHER, "lr_decay_steps": LR_HALF_LIFE}
-RENAMED_FLAGS = {"bc_segments": "warm_start_segments"}
+                 "bc_segments": WARM_START_SEGMENTS, "bc_epochs": WARM_START_EPOCHS, "eval_live": False,
+                 "teacher": TEACHER, "lr_decay_steps": LR_HALF_LIFE}
 # Flags added after checkpoints were first written, with the value that reproduces how a run without them trained.
 FLAGS_BEFORE_THEY_EXISTED = {"noise_correlation": 0.0, "segment_norm_power": 1.0, "noise_logprob": "conditioned",
                              "segment_norm_floor": 0.0, "value_baseline": True, "pair_baseline": False,
@@ -902,7 +899,6 @@ def version_3_args(saved: dict, path) -> dict:
     """A version-3 checkpoint's arguments as today's (a flag newer than the checkpoint takes the value that
     reproduces the run); a run that used a removed variant is refused."""
     saved = {**FLAGS_BEFORE_THEY_EXISTED, **saved}
-    saved.update({new: saved.pop(old) for old, new in RENAMED_FLAGS.items() if old in saved})
     if not isinstance(saved["late_gamma"], (tuple, list)):  # saved when --late-gamma took one value or None
         one = saved["late_gamma"] is not None
         saved["late_gamma"] = (saved["late_gamma"],) if one else ()
@@ -990,7 +986,7 @@ def seed_everything(seed: int) -> None:
 def open_run(args: Args, checkpoint: dict | None, world: int, lead: bool,
              wandb=None) -> tuple[Path, str, SummaryWriter | None]:
     """The run's folder and name (a resumed run keeps its own) and, on rank 0, its TensorBoard writer, whose
-    scalars wandb (with --track) mirrors, as CleanRL's --track does."""
+    scalars go to Weights & Biases too with --track, as CleanRL's do."""
     if checkpoint:
         run_dir, run_name = Path(args.resume).parent.parent, checkpoint["run_name"]
     else:
@@ -998,12 +994,17 @@ def open_run(args: Args, checkpoint: dict | None, world: int, lead: bool,
         run_dir = Path(args.runs_dir) / run_name
     if not lead:
         return run_dir, run_name, None
+    writer = SummaryWriter(str(run_dir))
     if wandb:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        wandb.tensorboard.patch(root_logdir=str(run_dir.resolve()))  # as sync_tensorboard=True, wherever the run is
         wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, config=vars(args), name=run_name,
                    dir=str(run_dir), resume="allow", id=run_name.replace("__", "-"))
-    writer = SummaryWriter(str(run_dir))
+        wandb.define_metric("*", step_metric="global_step")
+        add_scalar = writer.add_scalar
+
+        def mirrored(tag, value, global_step=None, *rest, **kwargs):  # logged as it is written, not synced later
+            add_scalar(tag, value, global_step, *rest, **kwargs)
+            wandb.log({tag: value, "global_step": global_step})
+        writer.add_scalar = mirrored
     if not checkpoint:
         writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(
             f"|{k}|{v}|" for k, v in vars(args).items()))
@@ -1030,9 +1031,9 @@ def start_episodes(args: Args, rank: int, world: int, agent: Agent, envs: te.Tin
     if world > 1:  # each process its own random streams (segments, simulator noise, actions, minibatches)
         seed_everything(args.seed + rank)
     next_obs, _ = envs.reset(seed=args.seed + rank)
-    if args.warm_start_segments and rank == 0:
+    if rank == 0:
         sim = te.TinyPhysicsSim(model, official_rng=False, seed=args.seed)
-        picked = np.random.default_rng(args.seed).permutation(len(pool))[:args.warm_start_segments]
+        picked = np.random.default_rng(args.seed).permutation(len(pool))[:WARM_START_SEGMENTS]
         writer.add_scalar("warm_start/value_mse", fit_critic(agent, sim, pool.subset(picked), args, device), 0)
     if world > 1:
         for tensor in agent.state_dict().values():

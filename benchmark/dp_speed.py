@@ -45,7 +45,7 @@ def steps_per_second(args: Args, runs_dir: str, processes: int) -> float:
     flags = {"sim-model-path": te.resolve_model_path(args.sim_model_path), "eval-data-path": args.eval_data_path,
              "synthetic-train": 512, "num-envs": args.num_envs,
              "total-timesteps": args.num_envs * 100 * args.iterations,
-             "eval-every": 10**12, "checkpoint-every": 10**12, "bc-segments": 0, "eval-segments": 1,
+             "eval-every": 10**12, "checkpoint-every": 10**12, "eval-segments": 1,
              "runs-dir": runs_dir, "sim-backend": args.sim_backend}
     command = [sys.executable, *launcher, str(SCRIPT), "--no-progress"]
     command += [x for k, v in flags.items() if v is not None for x in (f"--{k}", str(v))]

@@ -4,7 +4,7 @@ median; this decides) and on the real segments (they stand beside it), against t
 
     python benchmark/recipes.py --eval-data-path ../shared/tinyphysics/data \\
         --sim-model-path ../shared/tinyphysics/models/tinyphysics.onnx \\
-        --variant "residual=--action-mode residual" --variant "clone=--action-mode delta" --seeds 1 2 3
+        --variant "defaults=" --variant "white_noise=--noise-correlation 0" --seeds 1 2 3
 
 Each variant is "name=flags"; the flags are added to the headline command (--num-envs 64
 --total-timesteps 1000000 unless the flags say otherwise). The evaluation during training runs on
@@ -31,7 +31,7 @@ import tinyphysics_env as te
 ROOT = Path(__file__).resolve().parent.parent
 # Arguments that place a run rather than change its recipe: left out of an adopted run's flags.
 PLUMBING = {"seed", "synthetic_train", "eval_data_path", "eval_segments", "sim_model_path", "eval_every", "exp_name",
-            "runs_dir", "progress"}
+            "runs_dir", "progress", "resume", "extend_to", "threads", "track", "wandb_project_name", "wandb_entity"}
 # The headline's goal at 1M steps and the longest run's, as fractions of the teacher's held-out cost.
 TARGET_RATIOS = (0.93, 0.85)
 
@@ -129,7 +129,7 @@ def recipe_flags(checkpoint: dict) -> str:
     return " ".join(flag(k, v) for k, v in changed.items())
 
 
-def make_record(name: str, run_dir: Path, wall: float, paths: dict, model_path: Path, teacher: dict) -> dict:
+def make_record(name: str, run_dir: Path, wall: float, paths: dict, model_path: Path, baselines: dict) -> dict:
     """A finished run's JSON-lines record: its flags and seed as it saved them, its curve, and its final
     policy scored by ppo_lateral_eval.py (official-exact) on every set. The run is named by its folder alone,
     so a record holds no path of the machine that made it."""
@@ -144,7 +144,7 @@ def make_record(name: str, run_dir: Path, wall: float, paths: dict, model_path: 
     return {"variant": name, "flags": recipe_flags(checkpoint),
             "seed": checkpoint["args"]["seed"], "run": run_dir.name, "wall_s": wall, "curve": curve.tolist(),
             **{k: summary(v) for k, v in final.items()}, "per_segment_synthetic": final["synthetic"].tolist(),
-            "teacher": teacher}
+            "teacher": baselines["pid_ff"], "pid": baselines["pid"]}
 
 
 def wall_time(run_dir: Path) -> float:
@@ -183,7 +183,7 @@ def main(args: Args) -> None:
 
     for spec in args.adopt:
         name, _, run_dir = spec.partition("=")
-        keep(make_record(name, Path(run_dir), wall_time(Path(run_dir)), paths, model_path, teacher))
+        keep(make_record(name, Path(run_dir), wall_time(Path(run_dir)), paths, model_path, baselines))
     for spec in args.variant if not (args.replot or args.adopt) else ():
         name, _, flags = spec.partition("=")
         for seed in args.seeds:
@@ -198,7 +198,7 @@ def main(args: Args) -> None:
             if done.returncode:
                 print(f"| {name} | {seed} | failed: {done.stderr.strip().splitlines()[-1]} |", flush=True)
                 continue
-            keep(make_record(name, Path(done.stdout.strip().splitlines()[-1]), wall, paths, model_path, teacher))
+            keep(make_record(name, Path(done.stdout.strip().splitlines()[-1]), wall, paths, model_path, baselines))
     if args.plot:
         plot_curves(finished, baselines, ROOT / "benchmark" / f"{args.plot}.png")
     print("\n| variant | seeds | synthetic mean | vs pid_ff | synthetic median | vs pid_ff | segments better than "

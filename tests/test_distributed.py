@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def _flags(model_path, real_data, runs_dir, **overrides):
     flags = {"sim-model-path": model_path, "eval-data-path": real_data, "synthetic-train": 16, "eval-segments": 2,
              "num-envs": 8, "samples-per-segment": 2, "num-steps": 20, "total-timesteps": 640, "num-minibatches": 2,
-             "update-epochs": 2, "warm-start-segments": 16, "eval-every": 640, "checkpoint-every": 320,
+             "update-epochs": 2, "eval-every": 640, "checkpoint-every": 320,
              "runs-dir": runs_dir,
              **overrides}
     return [x for k, v in flags.items() for x in (f"--{k}", str(v))] + ["--no-progress"]

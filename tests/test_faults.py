@@ -186,7 +186,7 @@ def test_non_finite_policy_weights_are_a_one_line_error(tmp_path, model_path, re
 def _small_run(tmp_path, model_path, real_data, **overrides) -> pl.Args:
     base = dict(sim_model_path=str(model_path), eval_data_path=str(real_data), synthetic_train=16, eval_segments=1,
                 num_envs=4, samples_per_segment=2, num_steps=20, num_minibatches=2, update_epochs=1,
-                warm_start_segments=0, checkpoint_every=80, runs_dir=str(tmp_path / "runs"), progress=False)
+                checkpoint_every=80, runs_dir=str(tmp_path / "runs"), progress=False)
     return pl.Args(**{**base, **overrides})
 
 

@@ -28,7 +28,7 @@ def _tiny_args(runs_dir: Path, model_path, real_data, **overrides) -> pl.Args:
     """A few-hundred-step run on synthetic segments, evaluated on 2 real ones."""
     base = dict(sim_model_path=str(model_path), eval_data_path=str(real_data), synthetic_train=16,
                 eval_segments=2, num_envs=4, samples_per_segment=2, num_steps=20, total_timesteps=320,
-                num_minibatches=2, update_epochs=2, warm_start_segments=2, eval_every=160,
+                num_minibatches=2, update_epochs=2, eval_every=160,
                 checkpoint_every=160, runs_dir=str(runs_dir), progress=False)
     return pl.Args(**{**base, **overrides})
 
@@ -81,8 +81,7 @@ def test_tiny_run_writes_every_artifact(default_run, model_path, real_data):
 
 
 def test_episodic_costs_are_logged_when_episodes_end(tiny):
-    stats = _stats(pl.train(tiny(num_steps=100, total_timesteps=1600, eval_every=10**9, checkpoint_every=10**9,
-                                      warm_start_segments=0)))
+    stats = _stats(pl.train(tiny(num_steps=100, total_timesteps=1600, eval_every=10**9, checkpoint_every=10**9)))
     ended = np.isfinite(stats["episodic_total_cost"])
     np.testing.assert_array_equal(stats["global_step"][ended], [1600])  # 400 steps per episode, 4 envs
     assert stats["episodic_total_cost"][ended][0] > 0
@@ -199,9 +198,9 @@ RECIPE = dict(num_envs=64, num_steps=100, samples_per_segment=4, common_noise=Tr
               noise_correlation=0.9, learning_rate=4e-4, gamma=0.9, late_gamma=(0.95, 0.98),
               late_gamma_from=(1_000_000, 4_000_000), gae_lambda=1.0, num_minibatches=4, update_epochs=4,
               norm_adv=True, clip_coef=0.05, clip_vloss=True, ent_coef=0.0, vf_coef=0.5, max_grad_norm=0.5,
-              target_kl=None, hidden=64, curvature_inputs=True, init_logstd=-4.0, warm_start_segments=256)
+              target_kl=None, hidden=64, curvature_inputs=True, init_logstd=-4.0, )
 RECIPE_CONSTANTS = dict(TEACHER="pid_ff", RESIDUAL_SCALE=0.25, REWARD_SCALE=0.1, LR_HALF_LIFE=500_000,
-                        EMA_DECAY=0.97, WARM_START_EPOCHS=30)
+                        EMA_DECAY=0.97, WARM_START_SEGMENTS=256, WARM_START_EPOCHS=30)
 # One seeded update of the default recipe on a fixed batch (the test below): its losses, as this code computes
 # them. They move with any change to the loss, the advantages, the noise's log-probability, the agent, its
 # initialisation or the optimizer; a change of CPU moves them by float rounding only, far inside the tolerance.
@@ -266,7 +265,7 @@ def _cli(tmp_path, *flags, **kwargs):
                                                                       "increasing"),
     (["--num-envs", "6", "--samples-per-segment", "3"], "must be even"),
     (["--noise-correlation", "1.0"], "--noise-correlation 1.0: must be in [0, 1)"),
-    (["--warm-start-segments", "-1"], "--warm-start-segments cannot be negative"),
+    (["--synthetic-train", "-1"], "--synthetic-train -1: cannot be negative"),
 ])
 def test_bad_arguments_are_refused_before_any_work(tmp_path, model_path, real_data, flags, message):
     base = ["--sim-model-path", str(model_path), "--eval-data-path", str(real_data), "--synthetic-train", "16",
@@ -292,7 +291,7 @@ def test_help_is_short_user_documentation():
 def test_no_progress_silences_the_segment_reader(real_data, capsys):
     """--no-progress reaches the CSV reader too (its bar shows from 200 files), so a run's stderr holds
     only what went wrong: the recipes benchmark once reported a failed run as a progress bar."""
-    train, held_out = pl.load_splits(pl.Args(synthetic_train=200, eval_data_path=str(real_data), progress=False))
+    train, held_out, _ = pl.load_splits(pl.Args(synthetic_train=200, eval_data_path=str(real_data), progress=False))
     assert len(train) == 200 and len(held_out) == 10
     assert "reading segments" not in capsys.readouterr().err
 
@@ -306,7 +305,7 @@ def test_missing_model_is_a_one_line_error(tmp_path, real_data):
 def test_sigterm_writes_a_checkpoint_that_resumes(tmp_path, model_path, real_data):
     flags = ["--sim-model-path", str(model_path), "--eval-data-path", str(real_data), "--synthetic-train", "16",
              "--eval-segments", "1", "--num-envs", "4", "--samples-per-segment", "2", "--num-steps", "20",
-             "--total-timesteps", "40000", "--warm-start-segments", "0", "--num-minibatches", "2",
+             "--total-timesteps", "40000", "--num-minibatches", "2",
              "--eval-every", "100000", "--no-progress"]
     env = {**os.environ}
     proc = subprocess.Popen([sys.executable, str(ROOT / "ppo_lateral.py"), *flags], cwd=tmp_path, env=env,
@@ -329,8 +328,8 @@ def test_cli_trains_with_the_compiled_torch_simulator(tmp_path, model_path, real
     torch simulator's evaluations are official-exact, so ONNX Runtime scores the final policy the same."""
     result = _cli(tmp_path, "--sim-model-path", str(model_path), "--eval-data-path", str(real_data),
                   "--synthetic-train", "16", "--eval-segments", "1", "--num-envs", "4", "--samples-per-segment", "2",
-                  "--num-steps", "20", "--total-timesteps", "80", "--num-minibatches", "2", "--warm-start-segments",
-                  "0", "--no-progress", "--sim-backend", "torch", "--compile")
+                  "--num-steps", "20", "--total-timesteps", "80", "--num-minibatches", "2",
+                  "--no-progress", "--sim-backend", "torch", "--compile")
     assert result.returncode == 0, result.stderr
     run_dir = Path(tmp_path / result.stdout.strip().splitlines()[-1])
     assert torch.load(run_dir / "final_model.pt", weights_only=False)["args"]["sim_backend"] == "torch"
@@ -710,7 +709,7 @@ def _copied_script(tmp_path: Path, old: str, new: str) -> Path:
 
 
 TINY_FLAGS = ["--synthetic-train", "16", "--eval-segments", "2", "--num-envs", "4", "--samples-per-segment", "2",
-              "--num-steps", "20", "--total-timesteps", "160", "--num-minibatches", "2", "--warm-start-segments", "0",
+              "--num-steps", "20", "--total-timesteps", "160", "--num-minibatches", "2",
               "--eval-every", "80", "--no-progress"]
 
 

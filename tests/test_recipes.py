@@ -37,8 +37,17 @@ def test_a_run_saved_with_one_late_gamma_reads_as_that_switch(recipes):
     """Checkpoints from before --late-gamma took several steps saved one value (or None): they name that one
     switch (or none), whatever today's defaults."""
     saved = torch.load(ROOT / "tests" / "data" / "run_9e7e735" / "final_model.pt", weights_only=False)["args"]
-    assert recipes.recipe_flags({"args": {**saved, "late_gamma": 0.95, "late_gamma_from": 1_000_000}}) == \
-        "--late-gamma 0.95 --late-gamma-from 1000000"
-    assert recipes.recipe_flags({"args": {**saved, "late_gamma": None}}) == "--late-gamma --late-gamma-from"
-    assert recipes.recipe_flags({"args": {**saved, "late_gamma": 0.98, "late_gamma_from": 4_000_000}}) == \
-        "--late-gamma 0.98 --late-gamma-from 4000000"
+    for late, start, flags in ((0.95, 1_000_000, "--late-gamma 0.95 --late-gamma-from 1000000"),
+                               (None, 1_000_000, "--late-gamma --late-gamma-from"),
+                               (0.98, 4_000_000, "--late-gamma 0.98 --late-gamma-from 4000000")):
+        named = recipes.recipe_flags({"args": {**saved, "late_gamma": late, "late_gamma_from": start}})
+        assert flags in named and named.count("--late-gamma ") + named.count("--late-gamma-from") == 2
+
+
+def test_a_records_flags_hold_no_path_of_the_machine_that_made_it(recipes):
+    """Resuming, extending and the thread count place a run; they are no part of its recipe, and a resumed run's
+    flags must not carry the checkpoint's absolute path into the committed records."""
+    args = pl.Args(resume="/somewhere/runs/r/checkpoints/checkpoint_998400.pt", extend_to=4_000_000, threads=1,
+                   total_timesteps=4_000_000)
+    assert recipes.recipe_flags({"version": pl.CHECKPOINT_VERSION, "args": dataclasses.asdict(args)}) == \
+        "--total-timesteps 4000000"
