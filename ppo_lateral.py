@@ -264,9 +264,8 @@ def training_segments(args: Args, rank: int, world: int,
     return pool, share, eval_segments
 
 
-def load_sim_model(args: Args, device: torch.device) -> te.SimModel:
+def load_sim_model(model_path: Path, args: Args, device: torch.device) -> te.SimModel:
     """The simulator model, on the agent's device for the torch backend (it trains and scores)."""
-    model_path = te.resolve_model_path(args.sim_model_path)
     # The processes of one machine share its cores.
     threads = args.threads or max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     return te.load_sim_model(model_path, args.sim_backend, device.type, threads, compile=args.compile)
@@ -1088,11 +1087,11 @@ def train(args: Args, on_iteration: Callable[[dict], None] | None = None) -> Pat
     if checkpoint and checkpoint.get("world_size", 1) != world:
         raise te.TinyPhysicsError(f"{args.resume}: written by {checkpoint.get('world_size', 1)} processes; resume "
                                   f"it with as many (torchrun --nproc-per-node), not {world}")
-    te.resolve_model_path(args.sim_model_path)
+    model_path = te.resolve_model_path(args.sim_model_path)
     rank, world, device = init_distributed(args.cuda)
     lead = rank == 0  # only rank 0 logs, evaluates and writes files
     pool, train_segments, eval_segments = training_segments(args, rank, world, checkpoint)
-    model = load_sim_model(args, device)
+    model = load_sim_model(model_path, args, device)
     envs = te.TinyPhysicsVectorEnv(args.num_envs // world, segments=train_segments, model=model,
                                    autoreset_mode="same_step", expected_reward=True,
                                    samples_per_segment=args.samples_per_segment, common_noise=args.common_noise)
