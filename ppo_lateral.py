@@ -468,14 +468,6 @@ def numpy_policy(params: dict, obs: np.ndarray) -> np.ndarray:
 NUMPY_POLICY = (pid_ff_steer, teacher_steer, curvature_inputs, numpy_inputs, numpy_layer, numpy_actor, numpy_policy)
 
 
-def start_observations(model: te.SimModel, segments: te.Segments) -> torch.Tensor:
-    """Real observations without a model call: each segment's at step 100, where control starts."""
-    sim = te.TinyPhysicsSim(model, official_rng=True)
-    sim.reset(segments)
-    sim.warm_up()
-    return torch.as_tensor(te.observe(sim))
-
-
 def check_numpy_policy(agent: Agent, obs: torch.Tensor) -> None:
     """Refuse, in one line naming the first part that differs, a numpy policy that does not compute what the
     torch agent does on these observations (float32 against float64: within 1e-4 of the largest value)."""
@@ -838,9 +830,9 @@ def load_agent(path: str | Path, device: str | torch.device = "cpu") -> tuple[Ag
     if checkpoint.get("version") not in (3, CHECKPOINT_VERSION):
         raise te.TinyPhysicsError(f"{path}: checkpoint version {checkpoint.get('version')} is not 3 or "
                                   f"{CHECKPOINT_VERSION}; use the matching version of ppo_lateral.py")
-    if "args" in checkpoint:
-        saved_args(checkpoint, path)  # refuses a removed variant before the weights are read
-    agent = Agent(**agent_config(checkpoint["agent_config"], path)).to(device)
+    if checkpoint["version"] == 3:
+        checkpoint = from_version_3(checkpoint, path)
+    agent = Agent(**checkpoint["agent_config"]).to(device)
     agent.load_state_dict(checkpoint["agent"])
     return agent, checkpoint
 
@@ -860,8 +852,8 @@ def policy_checkpoint(agent: Agent, probe_obs: torch.Tensor, **extra) -> dict:
             "agent": agent.state_dict(), "probe_obs": probe_obs.detach().float().cpu(), **extra}
 
 
-# Variants that were flags until this commit, and the value the recipe has as code: a version-3 checkpoint
-# that used another value is refused. Its saved arguments otherwise load, without these fields.
+# Version 3 is what commit 9e7e735 wrote, the last with the variants' flags. Its files load when they used, for
+# each flag removed since, the value the recipe now has as code (and are refused otherwise).
 LAST_COMMIT_WITH_VARIANTS = "9e7e735"
 REMOVED_FLAGS = {"torch_deterministic": True, "amp": False, "sim_precision": "fp32", "cuda_graphs": False,
                  "fast_noise_correlation": None, "noise_logprob": "joint", "sim_dynamics": "sampled",
@@ -873,52 +865,25 @@ REMOVED_FLAGS = {"torch_deterministic": True, "amp": False, "sim_precision": "fp
                  "critic_hidden": 0, "policy_dist": "gaussian", "learn_logstd": True, "final_logstd": None,
                  "bc_segments": WARM_START_SEGMENTS, "bc_epochs": WARM_START_EPOCHS, "eval_live": False,
                  "teacher": TEACHER, "lr_decay_steps": LR_HALF_LIFE}
-# Flags added after checkpoints were first written, with the value that reproduces how a run without them trained.
-FLAGS_BEFORE_THEY_EXISTED = {"noise_correlation": 0.0, "segment_norm_power": 1.0, "noise_logprob": "conditioned",
-                             "segment_norm_floor": 0.0, "value_baseline": True, "pair_baseline": False,
-                             "smooth_coef": 0.0, "final_logstd": None, "ema_decay": 0.0, "jerk_weight": 1.0,
-                             "adam_beta1": 0.9, "anchor_decay": 0.0, "lr_decay_steps": 500_000, "late_gamma": (),
-                             "late_gamma_from": (), "curvature_inputs": False}
+ADDED_SINCE_VERSION_3 = ("track", "wandb_project_name", "wandb_entity")
 
 
-def refuse_removed(what: str, flag: str, value, path) -> None:
-    raise te.TinyPhysicsError(f"{path}: trained with --{flag.replace('_', '-')} {value}, a variant this version "
-                              f"no longer has ({what}); use ppo_lateral.py of commit {LAST_COMMIT_WITH_VARIANTS}")
-
-
-def saved_args(checkpoint: dict, path, **overrides) -> Args:
-    """The arguments a checkpoint's run trained with, with overrides."""
-    saved = checkpoint["args"] if checkpoint.get("version", 3) == CHECKPOINT_VERSION else \
-        version_3_args(checkpoint["args"], path)
-    fields = {f.name for f in dataclasses.fields(Args)}
-    return Args(**{k: v for k, v in {**saved, **overrides}.items() if k in fields})
-
-
-def version_3_args(saved: dict, path) -> dict:
-    """A version-3 checkpoint's arguments as today's (a flag newer than the checkpoint takes the value that
-    reproduces the run); a run that used a removed variant is refused."""
-    saved = {**FLAGS_BEFORE_THEY_EXISTED, **saved}
-    if not isinstance(saved["late_gamma"], (tuple, list)):  # saved when --late-gamma took one value or None
-        one = saved["late_gamma"] is not None
-        saved["late_gamma"] = (saved["late_gamma"],) if one else ()
-        saved["late_gamma_from"] = (saved["late_gamma_from"],) if one else ()
-    recipe = {**REMOVED_FLAGS, "pair_baseline": saved.get("antithetic_noise", True),
-              "critic_hidden": (0, saved.get("hidden"))}
-    for flag, value in recipe.items():
-        if flag in saved and saved[flag] not in (value if isinstance(value, tuple) else (value,)):
-            refuse_removed("arguments", flag, saved[flag], path)
-    return saved
-
-
-def agent_config(config: dict, path) -> dict:
-    """A saved agent's constructor arguments; the removed variants' keys of older checkpoints must hold the
-    recipe's value."""
-    recipe = {"action_mode": "residual", "policy_dist": "gaussian", "residual_scale": RESIDUAL_SCALE,
-              "critic_hidden": config["hidden"], "max_delta": None, "teacher": TEACHER}
-    for key, value in recipe.items():
-        if key in config and value is not None and config[key] != value:
-            refuse_removed("policy", key, config[key], path)
-    return {k: v for k, v in config.items() if k not in recipe}
+def from_version_3(checkpoint: dict, path) -> dict:
+    """A version-3 checkpoint with today's arguments and agent configuration. It keeps "version": 3, because
+    such a run also trained on its validation segments, and goes on doing so when resumed."""
+    saved, fields = checkpoint["args"], {f.name for f in dataclasses.fields(Args)}
+    allowed = {flag: (value,) for flag, value in REMOVED_FLAGS.items()}
+    allowed.update(pair_baseline=(saved.get("antithetic_noise"),), critic_hidden=(0, saved.get("hidden")))
+    for flag in sorted(fields - set(ADDED_SINCE_VERSION_3) | set(allowed)):
+        name, commit = f"--{flag.replace('_', '-')}", LAST_COMMIT_WITH_VARIANTS
+        if flag not in saved:
+            raise te.TinyPhysicsError(f"{path}: written before {name} existed; use the ppo_lateral.py that wrote it "
+                                      f"(commit {commit} or older)")
+        if saved[flag] not in allowed.get(flag, (saved[flag],)):
+            raise te.TinyPhysicsError(f"{path}: trained with {name} {saved[flag]}, a variant this version no longer "
+                                      f"has; use ppo_lateral.py of commit {commit}")
+    return {**checkpoint, "args": {k: v for k, v in saved.items() if k in fields},
+            "agent_config": {k: v for k, v in checkpoint["agent_config"].items() if k not in REMOVED_FLAGS}}
 
 
 def check_same_training_segments(saved: list[str], found: list[str], args: Args) -> None:
@@ -945,15 +910,12 @@ def resume_from(args: Args) -> tuple[Args, dict]:
     if Path(args.resume).parent.name != "checkpoints":
         raise te.TinyPhysicsError(f"{args.resume}: not inside a run folder's checkpoints/; resume from "
                                   "runs/<run>/checkpoints/checkpoint_<step>.pt (move whole run folders only)")
-    step, budget = checkpoint["global_step"], {}
-    if args.extend_to is not None:
-        batch = checkpoint["args"]["num_envs"] * checkpoint["args"]["num_steps"]
-        if args.extend_to < step + batch:
-            raise te.TinyPhysicsError(f"--extend-to {args.extend_to}: the checkpoint is at step {step}; extend to "
-                                      "at least one more batch")
-        budget = {"total_timesteps": args.extend_to}
-    resumed = saved_args(checkpoint, args.resume, resume=args.resume, progress=args.progress, track=args.track,
-                         **budget)
+    saved, step = checkpoint["args"], checkpoint["global_step"]
+    if args.extend_to is not None and args.extend_to < step + saved["num_envs"] * saved["num_steps"]:
+        raise te.TinyPhysicsError(f"--extend-to {args.extend_to}: the checkpoint is at step {step}; extend to at "
+                                  "least one more batch")
+    resumed = Args(**{**saved, "resume": args.resume, "progress": args.progress, "track": args.track,
+                      "total_timesteps": args.extend_to or saved["total_timesteps"]})
     print(f"resuming {checkpoint['run_name']} at step {step} with its saved arguments", file=sys.stderr)
     return resumed, checkpoint
 

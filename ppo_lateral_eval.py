@@ -277,6 +277,14 @@ def exported_source(functions: tuple) -> str:
     return "\n\n".join(inspect.getsource(f) for f in functions)
 
 
+def start_observations(model: te.SimModel, segments: te.Segments) -> torch.Tensor:
+    """Real observations without a model call: each segment's at step 100, where control starts."""
+    sim = te.TinyPhysicsSim(model, official_rng=True)
+    sim.reset(segments)
+    sim.warm_up()
+    return torch.as_tensor(te.observe(sim))
+
+
 def export_controller(model_path: str, out_path: str, model: te.SimModel | None = None,
                       segments: te.Segments | None = None) -> tuple[Path, Path]:
     """Write <stem>.py and <stem>.npz: the deterministic policy as an official-interface controller, its numpy
@@ -290,7 +298,7 @@ def export_controller(model_path: str, out_path: str, model: te.SimModel | None 
     agent, checkpoint = pl.load_agent(model_path)
     probes = [checkpoint["probe_obs"]] if "probe_obs" in checkpoint else []
     if segments is not None:
-        probes.append(pl.start_observations(model, segments.first(64)))
+        probes.append(start_observations(model, segments.first(64)))
     if not probes:
         raise te.TinyPhysicsError(f"{model_path}: saved without the observations its export is checked on; export "
                                   "it with ppo_lateral_eval.py --model-path ... --export-controller")

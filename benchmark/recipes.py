@@ -118,7 +118,7 @@ def plot_curves(finished: dict[str, list[dict]], baselines: dict, out: Path) -> 
 def recipe_flags(checkpoint: dict) -> str:
     """The flags by which a checkpoint's run differs from the defaults, as the command line takes them
     (arguments that only place a run left out)."""
-    saved = asdict(pl.saved_args(checkpoint, "the adopted run"))
+    saved = asdict(pl.Args(**checkpoint["args"]))
     changed = {k: v for k, v in saved.items() if getattr(pl.Args, k, v) != v and k not in PLUMBING}
 
     def flag(name: str, value) -> str:

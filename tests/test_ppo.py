@@ -627,48 +627,27 @@ def test_a_checkpoint_of_the_previous_main_loads_scores_exports_and_resumes(tmp_
 
 
 @pytest.mark.parametrize("flag, value", [("value_baseline", True), ("policy_dist", "tanh"), ("ema_decay", 0.0),
-                                         ("jerk_weight", 1.2), ("teacher", "pid")])
-def test_a_checkpoint_that_used_a_removed_variant_is_refused(tmp_path, flag, value):
-    """A run that used a variant this version no longer has is refused in one line, naming the flag and the last
-    commit that has it; its saved arguments with the removed fields at the recipe's values still load."""
+                                         ("jerk_weight", 1.2), ("teacher", "pid"), ("curvature_inputs", None),
+                                         ("late_gamma", None)])
+def test_a_checkpoint_that_used_a_removed_variant_or_predates_a_flag_is_refused(tmp_path, flag, value):
+    """A version-3 run that used a variant this version no longer has, or was written before one of 9e7e735's
+    flags existed (value None: the flag is missing), is refused in one line naming the flag and the commit to use;
+    one with the removed fields at the recipe's values loads with today's arguments."""
     checkpoint = torch.load(OLD_RUN / "final_model.pt", weights_only=False)
-    assert pl.saved_args(checkpoint, "old.pt") == pl.Args(**{k: v for k, v in checkpoint["args"].items()
-                                                             if k in {f.name for f in dataclasses.fields(pl.Args)}})
-    checkpoint["args"][flag] = value
+    fields = {f.name for f in dataclasses.fields(pl.Args)}
+    _, loaded = pl.load_agent(OLD_RUN / "final_model.pt")
+    assert loaded["args"] == {k: v for k, v in checkpoint["args"].items() if k in fields}
+    pl.Args(**loaded["args"])
+    if value is None:
+        del checkpoint["args"][flag]
+    else:
+        checkpoint["args"][flag] = value
     pl.save_checkpoint(checkpoint, tmp_path / "old.pt")
     with pytest.raises(te.TinyPhysicsError) as refused:
         pl.load_agent(tmp_path / "old.pt")
-    assert f"--{flag.replace('_', '-')} {value}" in str(refused.value) and "9e7e735" in str(refused.value)
+    named = f"--{flag.replace('_', '-')}" + ("" if value is None else f" {value}")
+    assert named in str(refused.value) and "9e7e735" in str(refused.value)
     assert "\n" not in str(refused.value)
-
-
-def test_a_checkpoint_from_before_curvature_inputs_loads_and_resumes_without_them(tmp_path):
-    """A policy saved before --curvature-inputs existed read the observation alone: it must load, score and
-    resume that way, not pick up today's default."""
-    agent = pl.Agent(te.OBS_DIM, 8)
-    old = pl.policy_checkpoint(agent, torch.zeros((4, te.OBS_DIM)), global_step=0)
-    del old["agent_config"]["curvature_inputs"]
-    pl.save_checkpoint(old, tmp_path / "old.pt")
-    loaded, _ = pl.load_agent(tmp_path / "old.pt")
-    assert loaded.curvature_params is None and loaded.actor_mean[0].in_features == te.OBS_DIM
-    assert not loaded.numpy_params()["curvature_inputs"]
-    args = torch.load(OLD_RUN / "final_model.pt", weights_only=False)["args"]
-    assert args.pop("curvature_inputs") and pl.Args().curvature_inputs
-    assert not pl.saved_args({"version": 3, "args": args}, "old.pt").curvature_inputs
-
-
-def test_a_checkpoint_from_before_several_late_gammas_resumes_with_its_one_switch():
-    """--late-gamma first took one value (or None, or did not exist); such a run's arguments still load, and
-    discount as they did."""
-    before = torch.load(OLD_RUN / "final_model.pt", weights_only=False)["args"]
-    one = pl.saved_args({"args": {**before, "late_gamma": 0.97, "late_gamma_from": 2_000_000}}, "old.pt")
-    assert (one.late_gamma, one.late_gamma_from) == ((0.97,), (2_000_000,))
-    assert [pl.gamma_at(s, one) for s in (1_999_999, 2_000_000)] == [0.9, 0.97]
-    none = pl.saved_args({"args": {**before, "late_gamma": None, "late_gamma_from": 1_000_000}}, "old.pt")
-    older = pl.saved_args({"args": {k: v for k, v in before.items() if not k.startswith("late_gamma")}}, "old.pt")
-    for args in (none, older):
-        assert (args.late_gamma, args.late_gamma_from) == ((), ()) and pl.gamma_at(10**9, args) == 0.9
-        pl.validate(args)
 
 
 # --- Honest model selection, and a copy of the script that changes the actor ------------------------
