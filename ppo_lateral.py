@@ -37,7 +37,7 @@ from torch.utils.tensorboard import SummaryWriter  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 import tinyphysics_env as te  # noqa: E402
-from tinyphysics_env import pid_ff_steer  # noqa: E402  (the exported controller carries it by this name)
+from tinyphysics_env import curvature_inputs, pid_ff_steer, teacher_steer  # noqa: E402  (exported by these names)
 
 CHECKPOINT_KIND = "ppo_lateral"
 CHECKPOINT_VERSION = 4  # 3: prev_error, residual policies; 4: the variants' flags removed (3 still loads)
@@ -159,31 +159,26 @@ WARM_START_SEGMENTS, WARM_START_EPOCHS = 256, 30  # the critic is fitted to the 
 
 def validate(args: Args, world: int = 1) -> None:
     """Refuse bad arguments before any work, with a one-line reason each (world: processes under torchrun)."""
-    per_process = args.num_envs // world
+    for name in ("num_envs", "num_steps", "num_minibatches", "update_epochs", "eval_segments", "eval_every",
+                 "checkpoint_every", "hidden"):
+        if getattr(args, name) < 1:
+            raise te.TinyPhysicsError(f"--{name.replace('_', '-')} {getattr(args, name)}: need at least 1")
+    per_process, k = args.num_envs // world, args.samples_per_segment
     late_gammas, late_froms = " ".join(map(str, args.late_gamma)), " ".join(map(str, args.late_gamma_from))
     checks = [
         (args.extend_to is None or args.resume, "--extend-to continues a run: add --resume "
                                                  "runs/<run>/checkpoints/checkpoint_<step>.pt"),
-        (args.num_envs >= 1, f"--num-envs {args.num_envs}: need at least 1"),
         (args.num_envs % world == 0, f"--num-envs {args.num_envs} does not split over {world} processes; use a "
                                      "multiple of --nproc-per-node (times --nnodes)"),
-        (args.num_steps >= 1, f"--num-steps {args.num_steps}: need at least 1"),
-        (args.num_minibatches >= 1, f"--num-minibatches {args.num_minibatches}: need at least 1"),
-        (args.update_epochs >= 1, f"--update-epochs {args.update_epochs}: need at least 1"),
         ((per_process * args.num_steps) % args.num_minibatches == 0,
          f"--num-minibatches {args.num_minibatches} does not divide the batch of {per_process * args.num_steps} "
          "(num_envs * num_steps per process); pick a divisor"),
         (args.total_timesteps >= args.num_envs * args.num_steps,
          f"--total-timesteps {args.total_timesteps} is less than one batch ({args.num_envs * args.num_steps})"),
-        (args.eval_segments >= 1, f"--eval-segments {args.eval_segments}: need at least 1"),
-        (args.eval_every >= 1 and args.checkpoint_every >= 1, "--eval-every and --checkpoint-every must be positive"),
-        (args.hidden >= 1, f"--hidden {args.hidden}: need at least 1"),
-        (args.samples_per_segment >= 2 and per_process % args.samples_per_segment == 0,
-         f"--samples-per-segment {args.samples_per_segment} must be 2 or more and divide the {per_process} "
-         "environments of each process"),
-        (args.samples_per_segment % 2 == 0 or not args.antithetic_noise,
-         f"--antithetic-noise pairs the K rollouts of a segment: --samples-per-segment {args.samples_per_segment} "
-         "must be even (or add --no-antithetic-noise)"),
+        (k >= 2 and per_process % k == 0, f"--samples-per-segment {k} must be 2 or more and divide the "
+                                          f"{per_process} environments of each process"),
+        (k % 2 == 0 or not args.antithetic_noise, f"--antithetic-noise pairs the K rollouts of a segment: --samples-"
+                                                  f"per-segment {k} must be even (or add --no-antithetic-noise)"),
         (0 <= args.noise_correlation < 1, f"--noise-correlation {args.noise_correlation}: must be in [0, 1)"),
         (0 < args.gamma <= 1 and 0 <= args.gae_lambda <= 1, "--gamma must be in (0, 1] and --gae-lambda in [0, 1]"),
         (all(0 < g <= 1 for g in args.late_gamma), f"--late-gamma {late_gammas}: each must be in (0, 1]"),
@@ -204,13 +199,10 @@ def pick_device(cuda: bool) -> torch.device:
 
 
 def init_distributed(cuda: bool) -> tuple[int, int, torch.device]:
-    """(rank, world size, device) from torchrun's environment; (0, 1, pick_device) without torchrun.
-
-    Each process owns one device (cuda:LOCAL_RANK with NCCL on GPUs, the CPU with gloo)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    """(rank, world size, device) under torchrun, each process on its own device; (0, 1, device) without it."""
+    world, device = int(os.environ.get("WORLD_SIZE", "1")), pick_device(cuda)
     if world == 1:
-        return 0, 1, pick_device(cuda)
-    device = pick_device(cuda)
+        return 0, 1, device
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
@@ -219,11 +211,9 @@ def init_distributed(cuda: bool) -> tuple[int, int, torch.device]:
 
 
 def load_splits(args: Args, version_3: bool = False) -> tuple[te.Segments, te.Segments, str]:
-    """(training, validation) segments as the arguments ask, and where the validation segments come from. They
-    score the periodic evaluation and choose best_model.pt: --eval-data-path, or else the last --eval-segments of
-    the training part, then not trained on. The official evaluation set (the first 5,000 of the official data)
-    is neither trained nor validated on: it is for scoring the final model. (A version-3 run, resumed, goes on
-    training on the segments it trained on, its validation segments among them.)"""
+    """(training, validation) segments, and where the validation ones come from: --eval-data-path, or else the last
+    --eval-segments of the training part, not trained on. The official evaluation set (the first 5,000 official
+    segments) is neither: it scores the final model. (A resumed version-3 run trained on its validation part.)"""
     def load(path):
         return te.load_segments(path, progress=args.progress)
 
@@ -252,8 +242,15 @@ def training_segments(args: Args, rank: int, world: int,
     pool, eval_segments, where = load_splits(args, bool(checkpoint) and checkpoint["version"] == 3)
     if rank == 0 and world > 1:
         torch.distributed.barrier()
-    if checkpoint:
-        check_same_training_segments(checkpoint["train_segments"], pool.names, args)
+    if checkpoint and checkpoint["train_segments"] != pool.names:  # a resumed run's environments index them
+        saved, missing = checkpoint["train_segments"], sorted(set(checkpoint["train_segments"]) - set(pool.names))
+        where = f"--synthetic-train {args.synthetic_train}" if args.synthetic_train else \
+            f"--data-path {te.resolve_data_path(args.data_path)}"
+        what = (f"{len(missing)} of its {len(saved)} training segments are missing from {where} (first: "
+                f"{missing[0]})" if missing else f"{where} holds other training segments ({len(pool)}, not "
+                f"{len(saved)})")
+        raise te.TinyPhysicsError(f"{args.resume}: {what}; a run resumes only on its own segments, so restore them "
+                                  "or start a new run")
     share = pool.subset(np.arange(rank, len(pool), world)) if world > 1 else pool
     if args.num_envs // world // args.samples_per_segment > len(share):
         raise te.TinyPhysicsError(f"--num-envs {args.num_envs} / --samples-per-segment {args.samples_per_segment} "
@@ -272,78 +269,6 @@ def load_sim_model(model_path: Path, args: Args, device: torch.device) -> te.Sim
 
 
 # --- Agent -------------------------------------------------------------------------------------
-def observation_normalizer() -> tuple[np.ndarray, np.ndarray]:
-    """Fixed (offset, scale) per observation entry, from the dataset's typical ranges: speeds are
-    centred on 20 m/s over 10 m/s, steer is doubled, the error integral (tens over an episode) is divided
-    by 10, accelerations are left as they are."""
-    offset, scale = np.zeros(te.OBS_DIM, np.float32), np.ones(te.OBS_DIM, np.float32)
-    for name, part in te.obs_slices().items():
-        if "v_ego" in name:
-            offset[part], scale[part] = 20.0, 0.1
-        elif name == "past_actions":
-            scale[part] = 2.0
-        elif name == "error_integral":
-            scale[part] = 0.1
-    return offset, scale
-
-
-def teacher_params() -> dict[str, float]:
-    """The teacher's gains, and where the observation holds what it reads, for `teacher_steer`."""
-    controller = te.PIDFeedforwardController()
-    where = te.obs_slices()
-    params = {f"teacher_{k}": v for k, v in controller.gains().items()} | {"teacher_lookahead": controller.lookahead}
-    for name in ("target_lataccel", "current_lataccel", "roll_lataccel", "future_lataccel", "error_integral",
-                 "prev_error"):
-        params[f"obs_{name}"] = where[name].start
-    return params
-
-
-def teacher_steer(params: dict, obs):
-    """The teacher's steer from the observation alone, for a batch [B, D] (numpy or torch): `te.pid_ff_steer`
-    on the observation's columns. On float64 numpy observations it equals the official-interface
-    controller bit for bit; the exported controller carries it."""
-    def column(name):
-        return obs[:, int(params[f"obs_{name}"])]
-
-    future = int(params["obs_future_lataccel"])
-    planned = obs[:, future:future + int(params["teacher_lookahead"])].mean(axis=-1)
-    gains = {k: float(params[f"teacher_{k}"]) for k in ("p", "i", "d", "kf", "kr")}
-    return pid_ff_steer(column("target_lataccel") - column("current_lataccel"), column("error_integral"),
-                        column("prev_error"), planned, column("roll_lataccel"), gains)
-
-
-CURVATURE_SCALE = 100.0  # in 1 / (100 m): a 100 m radius reads 1
-CURVATURE_CLIP = 5.0  # near standstill max(v^2, 1) is small and the quotient meaningless: keep it bounded
-
-
-def curvature_params() -> dict[str, float]:
-    """Where the observation holds what `curvature_inputs` reads."""
-    where = te.obs_slices()
-    names = ("target_lataccel", "current_lataccel", "roll_lataccel", "v_ego", "future_lataccel",
-             "future_roll_lataccel", "future_v_ego")
-    return {f"obs_{name}": where[name].start for name in names} | {
-        "plan_rows": te.FUTURE_LEN, "curvature_scale": CURVATURE_SCALE, "curvature_clip": CURVATURE_CLIP}
-
-
-def curvature_inputs(params: dict, obs) -> list:
-    """[the current lateral acceleration's [B, 1] and the target's [B, 1] curvature under the present roll and
-    speed, each planned row's under its own [B, plan_rows]] for a batch of observations [B, D] (numpy or torch;
-    the caller joins them, with its own library). Lateral acceleration is speed squared times curvature, a
-    product the small MLPs would otherwise have to build."""
-    def rows(name, n=1):
-        start = int(params[f"obs_{name}"])
-        return obs[:, start:start + n]
-
-    def curvature(lataccel, roll, v):
-        bound = float(params["curvature_clip"])
-        return ((lataccel - roll) / (v * v).clip(1.0, None) * float(params["curvature_scale"])).clip(-bound, bound)
-
-    n = int(params["plan_rows"])
-    roll, v = rows("roll_lataccel"), rows("v_ego")
-    return [curvature(rows("current_lataccel"), roll, v), curvature(rows("target_lataccel"), roll, v),
-            curvature(rows("future_lataccel", n), rows("future_roll_lataccel", n), rows("future_v_ego", n))]
-
-
 def layer_init(layer: nn.Linear, std: float = np.sqrt(2), bias_const: float = 0.0) -> nn.Linear:
     torch.nn.init.orthogonal_(layer.weight, std)
     torch.nn.init.constant_(layer.bias, bias_const)
@@ -351,20 +276,18 @@ def layer_init(layer: nn.Linear, std: float = np.sqrt(2), bias_const: float = 0.
 
 
 class Agent(nn.Module):
-    """Separate actor and critic MLPs (tanh) on the normalized observation (and the curvature inputs, if
-    asked). The steer is the teacher's plus RESIDUAL_SCALE times the action, a Gaussian sample clipped to
-    [-1, 1]; the actor's last layer starts at zero, so the deterministic policy starts as the teacher itself.
-    `config()` records the layers as built, so a checkpoint rebuilds its own policy (`actor`, `critic`: those
-    layer lists, for loading one), whatever this class builds by default."""
+    """Separate actor and critic MLPs on the normalized observation (and the curvature inputs). The steer is the
+    teacher's plus RESIDUAL_SCALE times the action clipped to [-1, 1]; the actor's last layer starts at zero, so
+    the policy starts as the teacher. `config()` lists the layers as built, so a checkpoint rebuilds its own."""
 
     def __init__(self, obs_dim: int, hidden: int, init_logstd: float = 0.0, obs_offset=None, obs_scale=None,
                  curvature_inputs: bool = False, actor: list | None = None, critic: list | None = None):
         super().__init__()
-        offset, scale = observation_normalizer() if obs_offset is None else (obs_offset, obs_scale)
+        offset, scale = te.observation_normalizer() if obs_offset is None else (obs_offset, obs_scale)
         self.register_buffer("obs_offset", torch.as_tensor(np.asarray(offset), dtype=torch.float32))
         self.register_buffer("obs_scale", torch.as_tensor(np.asarray(scale), dtype=torch.float32))
-        self.hidden, self.teacher_params = hidden, teacher_params()
-        self.curvature_params = curvature_params() if curvature_inputs else None
+        self.hidden, self.teacher_params = hidden, te.teacher_params()
+        self.curvature_params = te.curvature_params() if curvature_inputs else None
         in_dim = obs_dim + (2 + self.curvature_params["plan_rows"] if curvature_inputs else 0)
 
         def mlp(out_std: float) -> nn.Sequential:
@@ -403,8 +326,7 @@ class Agent(nn.Module):
         return teacher_steer(self.teacher_params, obs) + RESIDUAL_SCALE * action[:, 0].clamp(-1.0, 1.0)
 
     def numpy_params(self) -> dict[str, np.ndarray]:
-        """The deterministic policy as float64 arrays for `numpy_policy` (and the exported controller): the
-        actor's layers by their class names, in order, with the weights of each Linear."""
+        """The deterministic policy as float64 arrays for `numpy_policy`: the actor's layer names and weights."""
         params = {"actor_layers": np.array([type(m).__name__ for m in self.actor_mean])}
         for i, m in enumerate(self.actor_mean):
             params.update({f"{kind}{i}": p.detach().cpu().double().numpy() for kind, p in m.named_parameters()})
@@ -457,9 +379,8 @@ def numpy_actor(params: dict, x: np.ndarray) -> np.ndarray:
 
 
 def numpy_policy(params: dict, obs: np.ndarray) -> np.ndarray:
-    """Steer of the deterministic policy (mean action) for float64 observations [B, D], in float64 numpy:
-    Agent.to_steer of the mean action. Official scoring of a policy uses this, and the exported controller
-    carries it, so both give the same steer and the same costs."""
+    """Agent.to_steer of the mean action for observations [B, D], in float64: official scoring uses it and the
+    exported controller carries it, so both give the same costs."""
     obs = obs.astype(np.float64, copy=False)
     a = np.clip(numpy_actor(params, numpy_inputs(params, obs)), -1.0, 1.0)
     return teacher_steer(params, obs) + float(params["residual_scale"]) * a
@@ -469,8 +390,8 @@ NUMPY_POLICY = (pid_ff_steer, teacher_steer, curvature_inputs, numpy_inputs, num
 
 
 def check_numpy_policy(agent: Agent, obs: torch.Tensor) -> None:
-    """Refuse, in one line naming the first part that differs, a numpy policy that does not compute what the
-    torch agent does on these observations (float32 against float64: within 1e-4 of the largest value)."""
+    """Refuse, naming the first part that differs, a numpy policy that does not compute what the agent does on
+    these observations (float32 against float64: within 1e-4 of the largest value)."""
     params, x = agent.numpy_params(), obs.detach().float().to(agent.obs_offset.device)
     obs64 = x.double().cpu().numpy()
     with torch.no_grad():
@@ -499,9 +420,8 @@ def check_numpy_policy(agent: Agent, obs: torch.Tensor) -> None:
 
 # --- The critic's warm start: the teacher's returns ----------------------------------------------
 def teacher_returns(sim: te.TinyPhysicsSim, segments: te.Segments, gamma: float) -> tuple[np.ndarray, np.ndarray]:
-    """Observations and discounted returns of the teacher driving these segments, its steer computed from the
-    observation as the residual policy's step 0 computes it."""
-    params, observations = teacher_params(), []
+    """Observations and discounted returns of the teacher driving these segments (as the policy's step 0 does)."""
+    params, observations = te.teacher_params(), []
 
     def act(obs: np.ndarray) -> np.ndarray:
         observations.append(obs.astype(np.float32))
@@ -535,9 +455,8 @@ def fit_critic(agent: Agent, sim: te.TinyPhysicsSim, segments: te.Segments, args
 # --- Rollout -----------------------------------------------------------------------------------
 def exploration_actions(agent: Agent, obs: torch.Tensor, previous_noise: torch.Tensor, rho: float,
                         antithetic: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Policy samples with correlated noise (each environment's noise carries rho times its previous step's)
-    and, with antithetic, opposite fresh noise for environments 2j and 2j+1; returns the actions, the
-    carried-over noise offsets their log-probability is conditioned on, and this step's noise."""
+    """Actions with AR(1) noise (rho times the previous step's plus fresh noise, opposite for environments 2j and
+    2j+1 with antithetic), the carried-over offsets their log-probability is conditioned on, and the noise."""
     mean = agent.actor_mean(agent.inputs(obs))
     if antithetic:
         half = torch.randn((len(obs) // 2, 1), device=obs.device)
@@ -576,11 +495,8 @@ def rollout(agent: Agent, policy_step: Callable, envs: te.TinyPhysicsVectorEnv, 
 # --- Advantages --------------------------------------------------------------------------------
 def compute_gae(rewards: torch.Tensor, values: torch.Tensor, dones: torch.Tensor, next_value: torch.Tensor,
                 next_done: torch.Tensor, gamma: float, gae_lambda: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Generalized advantage estimation over [num_steps, num_envs] rollouts.
-
-    dones[t] marks that obs[t] starts a new episode (the step before it terminated), so no value is
-    bootstrapped across it. Episodes end only by termination (the cost window's end), and a rollout
-    cut mid-episode is bootstrapped from next_value."""
+    """Generalized advantage estimation over [num_steps, num_envs] rollouts. dones[t] marks that obs[t] starts a
+    new episode (episodes end only by termination); a rollout cut mid-episode is bootstrapped from next_value."""
     num_steps = rewards.shape[0]
     advantages = torch.zeros_like(rewards)
     lastgaelam = torch.zeros_like(next_value)
@@ -596,11 +512,9 @@ def compute_gae(rewards: torch.Tensor, values: torch.Tensor, dones: torch.Tensor
 
 
 def segment_advantages(returns: torch.Tensor, samples_per_segment: int, group: int) -> torch.Tensor:
-    """Advantages [num_steps, num_envs] from returns: environments k*K .. k*K+K-1 run the same segment in
-    lockstep (see TinyPhysicsVectorEnv), so at every step each return is centred on the mean over its `group`
-    of them (K: all of the segment's copies; 2: its antithetic pair, environments 2j and 2j+1), and each
-    segment's advantages are divided by their own standard deviation over the rollout, so every segment weighs
-    alike whatever its difficulty."""
+    """Advantages from returns [num_steps, num_envs]: environments k*K .. k*K+K-1 run one segment in lockstep, so
+    each return is centred on the mean of its `group` of them (K, or 2: an antithetic pair), then divided by its
+    segment's standard deviation over the rollout, so that every segment weighs alike whatever its difficulty."""
     num_steps, num_envs = returns.shape
     groups = returns.reshape(num_steps, -1, group)
     groups = (groups - groups.mean(dim=2, keepdim=True)).reshape(num_steps, -1, samples_per_segment)
@@ -611,9 +525,8 @@ def segment_advantages(returns: torch.Tensor, samples_per_segment: int, group: i
 
 def advantages_and_returns(agent: Agent, buf: dict, next_obs: torch.Tensor, next_done: torch.Tensor,
                            gamma: float, args: Args) -> tuple[torch.Tensor, torch.Tensor]:
-    """The critic's targets (TD(lambda) returns, bootstrapped where a rollout cuts an episode) and the
-    advantages: those returns against the other rollouts of the same segment (the critic, which explains
-    little here, is no baseline)."""
+    """Advantages (the TD(lambda) returns against the segment's other rollouts: the critic is no baseline here)
+    and returns, the critic's targets."""
     with torch.no_grad():
         next_value = agent.get_value(next_obs).reshape(1, -1)[0]
         _, returns = compute_gae(buf["rewards"], buf["values"], buf["dones"], next_value, next_done, gamma,
@@ -624,8 +537,8 @@ def advantages_and_returns(agent: Agent, buf: dict, next_obs: torch.Tensor, next
 
 # --- The clipped PPO update ---------------------------------------------------------------------
 def previous_steps(buf: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Each step's previous observation and action in the rollout, and whether its noise carried over from
-    that step (not at a rollout's first step, nor where an episode started)."""
+    """Each step's previous observation and action, and whether its noise carried over from that step (not at a
+    rollout's first step, nor where an episode started)."""
     prev_obs = torch.cat([buf["obs"][:1], buf["obs"][:-1]])
     prev_actions = torch.cat([buf["actions"][:1], buf["actions"][:-1]])
     carried = buf["dones"] == 0
@@ -634,9 +547,8 @@ def previous_steps(buf: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 def carried_noise(agent: Agent, noise_offsets, prev_obs, prev_actions, carried, args: Args):
-    """The carried-over part of correlated noise under the policy being updated, rho * (a_t-1 - mean(s_t-1)),
-    where a step's previous step is in the same rollout (else the stored offset, zero at an episode's start):
-    the log-probability is then the AR(1) process's own density, the exact likelihood ratio."""
+    """The carried-over noise under the policy being updated, rho * (a_t-1 - mean(s_t-1)) (else the stored offset),
+    so that the log-probability is the AR(1) process's own density: the exact likelihood ratio."""
     if not args.noise_correlation:
         return noise_offsets
     live = args.noise_correlation * (prev_actions - agent.actor_mean(agent.inputs(prev_obs)))
@@ -671,8 +583,7 @@ def ppo_loss(agent: Agent, obs, actions, noise_offsets, logprobs, advantages, re
 
 def ppo_update(agent: Agent, optimizer: torch.optim.Optimizer, loss_fn: Callable, buf: dict,
                advantages: torch.Tensor, returns: torch.Tensor, args: Args, world: int) -> dict:
-    """update_epochs epochs of the clipped objective over shuffled minibatches; returns the last minibatch's
-    losses and the mean clip fraction."""
+    """update_epochs epochs of the clipped objective over shuffled minibatches; returns the losses to log."""
     device = advantages.device
     batch = {k: v.reshape(advantages.numel(), -1) for k, v in buf.items() if k not in ("rewards", "dones")}
     batch.update(advantages=advantages.reshape(-1, 1), returns=returns.reshape(-1, 1))
@@ -757,6 +668,14 @@ def weights_fingerprint(agent: nn.Module) -> str:
     return digest.hexdigest()
 
 
+def replica_fingerprints(policy: nn.Module, world: int) -> list[str]:
+    """Every process's weights fingerprint, refusing replicas that diverged (they must average the same updates)."""
+    fingerprints = gather_objects(weights_fingerprint(policy), world)
+    if len(set(fingerprints)) > 1:
+        raise RuntimeError(f"the {world} replicas diverged: weight fingerprints {fingerprints}")
+    return fingerprints
+
+
 # --- Evaluation and logging ----------------------------------------------------------------------
 def evaluate(agent: Agent, model: te.SimModel, segments: te.Segments, batch_size: int = 1024,
              progress: bool = False) -> dict[str, np.ndarray]:
@@ -770,6 +689,7 @@ def evaluate(agent: Agent, model: te.SimModel, segments: te.Segments, batch_size
 STAT_KEYS = ("global_step", "episodic_total_cost", "episodic_lataccel_cost", "episodic_jerk_cost",
              "policy_loss", "value_loss", "entropy", "approx_kl", "clipfrac", "explained_variance",
              "learning_rate", "sps", "eval_total_cost")
+LOSS_KEYS = ("policy_loss", "value_loss", "entropy", "approx_kl", "clipfrac", "explained_variance", "old_approx_kl")
 
 
 def episodic_means(episode_costs: list[dict]) -> dict[str, float]:
@@ -781,30 +701,21 @@ def episodic_means(episode_costs: list[dict]) -> dict[str, float]:
 
 
 def write_scalars(writer: SummaryWriter, row: dict, global_step: int) -> None:
-    for key in ("total_cost", "lataccel_cost", "jerk_cost"):
-        if np.isfinite(row[f"episodic_{key}"]):
-            writer.add_scalar(f"charts/episodic_{key}", row[f"episodic_{key}"], global_step)
-    for key in ("learning_rate", "gamma"):
-        writer.add_scalar(f"charts/{key}", row[key], global_step)
-    writer.add_scalar("charts/SPS", row["sps"], global_step)
-    for key in ("policy_loss", "value_loss", "entropy", "approx_kl", "clipfrac", "explained_variance",
-                "old_approx_kl"):
-        writer.add_scalar(f"losses/{key}", row[key], global_step)
+    """An iteration's row: the update's losses under losses/, the rest under charts/."""
+    for key, value in row.items():
+        if key in ("global_step", "eval_total_cost") or (key.startswith("episodic_") and np.isnan(value)):
+            continue  # no episode ended in this rollout
+        writer.add_scalar(f"{'losses' if key in LOSS_KEYS else 'charts'}/{'SPS' if key == 'sps' else key}", value,
+                          global_step)
 
 
-def evaluate_and_keep(policy: Agent, model: te.SimModel, eval_segments: te.Segments, writer: SummaryWriter,
-                      global_step: int, best_eval: float, run_dir: Path, args: Args, probe_obs: torch.Tensor) -> float:
-    """The policy's mean official cost on the held-out segments, logged; saved as best_model.pt when it beats
-    best_eval."""
-    costs = evaluate(policy, model, eval_segments)
+def evaluate_and_log(policy: Agent, model: te.SimModel, segments: te.Segments, writer: SummaryWriter,
+                     global_step: int) -> float:
+    """The policy's mean official cost on the validation segments, with its parts logged."""
+    costs = evaluate(policy, model, segments)
     for key in ("total_cost", "lataccel_cost", "jerk_cost"):
         writer.add_scalar(f"eval/{key}", float(costs[key].mean()), global_step)
-    cost = float(costs["total_cost"].mean())
-    if cost < best_eval:
-        save_checkpoint(policy_checkpoint(policy, probe_obs, args=dataclasses.asdict(args), global_step=global_step,
-                                          eval_total_cost=cost, selection_segments=eval_segments.names),
-                        run_dir / "best_model.pt")
-    return cost
+    return float(costs["total_cost"].mean())
 
 
 def record_stats(stats: dict[str, list], row: dict, run_dir: Path) -> None:
@@ -884,20 +795,6 @@ def from_version_3(checkpoint: dict, path) -> dict:
                                       f"has; use ppo_lateral.py of commit {commit}")
     return {**checkpoint, "args": {k: v for k, v in saved.items() if k in fields},
             "agent_config": {k: v for k, v in checkpoint["agent_config"].items() if k not in REMOVED_FLAGS}}
-
-
-def check_same_training_segments(saved: list[str], found: list[str], args: Args) -> None:
-    """A resumed run's environments index its training segments: refuse other data, naming what is missing."""
-    if saved == found:
-        return
-    where = f"--synthetic-train {args.synthetic_train}" if args.synthetic_train else \
-        f"--data-path {te.resolve_data_path(args.data_path)}"
-    missing = sorted(set(saved) - set(found))
-    what = (f"{len(missing)} of its {len(saved)} training segments are missing from {where} (first: {missing[0]})"
-            if missing else f"{where} holds other training segments than it was trained on ({len(found)}, not "
-            f"{len(saved)})")
-    raise te.TinyPhysicsError(f"{args.resume}: {what}; a run resumes only on its own segments, so restore them or "
-                              "start a new run")
 
 
 def resume_from(args: Args) -> tuple[Args, dict]:
@@ -1019,21 +916,6 @@ def restore_episodes(checkpoint: dict, rank: int, world: int, agent: Agent, opti
     return next_obs, mine["next_done"].to(device), mine["noise"].to(device)
 
 
-def save_final_model(policy: Agent, args: Args, global_step: int, stats: dict[str, list], world: int,
-                     run_dir: Path | None, probe_obs: torch.Tensor, selection_segments: list[str]) -> None:
-    """Every replica must hold the same weights (so the same average): the final model, written by rank 0 (the
-    one given a run_dir), records the fingerprints of what each would save."""
-    fingerprints = gather_objects(weights_fingerprint(policy), world)
-    if len(set(fingerprints)) > 1:
-        raise RuntimeError(f"the {world} replicas diverged: weight fingerprints {fingerprints}")
-    if run_dir:
-        save_checkpoint(policy_checkpoint(
-            policy, probe_obs, args=dataclasses.asdict(args), global_step=global_step,
-            eval_total_cost=stats["eval_total_cost"][-1], replica_fingerprints=fingerprints,
-            selection_segments=selection_segments),
-            run_dir / "final_model.pt")
-
-
 # --- Training ----------------------------------------------------------------------------------
 def train(args: Args, on_iteration: Callable[[dict], None] | None = None) -> Path:
     """Train as the arguments say; returns the run folder. on_iteration(stats) is called after every
@@ -1075,16 +957,26 @@ def train(args: Args, on_iteration: Callable[[dict], None] | None = None) -> Pat
         next_obs, next_done, noise = start_episodes(args, rank, world, agent, envs, model, pool, writer, device)
         stats, best_eval = {k: [] for k in STAT_KEYS}, float("inf")
         global_step, start_iteration = 0, 1
-        if lead:
-            best_eval = evaluate_and_keep(agent, model, eval_segments, writer, 0, best_eval, run_dir, args, next_obs)
-            for key in STAT_KEYS:  # row 0: the starting policy, before any PPO update
-                stats[key].append({"global_step": 0, "eval_total_cost": best_eval}.get(key, np.nan))
-
     # What is evaluated and saved: a running average of the weights after each update
     ema = AveragedModel(agent, multi_avg_fn=get_ema_multi_avg_fn(EMA_DECAY))
     if checkpoint:
         ema.load_state_dict(checkpoint["ema"])
-    policy, probe_obs = ema.module, next_obs
+    policy, probe_obs = ema.module, next_obs  # the saves check the numpy policy on probe_obs
+
+    def save(path: Path, **extra) -> None:
+        save_checkpoint(policy_checkpoint(policy, probe_obs, args=dataclasses.asdict(args), global_step=global_step,
+                                          **extra), path)
+
+    def evaluate_and_keep() -> float:
+        cost = evaluate_and_log(policy, model, eval_segments, writer, global_step)
+        if cost < best_eval:
+            save(run_dir / "best_model.pt", eval_total_cost=cost, selection_segments=eval_segments.names)
+        return cost
+
+    if lead and not checkpoint:  # row 0: the starting policy, before any PPO update
+        best_eval = evaluate_and_keep()
+        for key in STAT_KEYS:
+            stats[key].append({"global_step": 0, "eval_total_cost": best_eval}.get(key, np.nan))
 
     policy_step = torch.compile(agent.get_action_and_value) if args.compile else agent.get_action_and_value
     loss_fn = torch.compile(ppo_loss) if args.compile else ppo_loss
@@ -1103,11 +995,9 @@ def train(args: Args, on_iteration: Callable[[dict], None] | None = None) -> Pat
             "torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}}, world)
         if lead:
             per_rank = {"ranks": states, "world_size": world} if world > 1 else {}
-            save_checkpoint(policy_checkpoint(
-                policy, probe_obs, optimizer=optimizer.state_dict(), live_agent=agent.state_dict(),
-                ema=ema.state_dict(), args=dataclasses.asdict(args), run_name=run_name, global_step=global_step,
-                iteration=iteration, stats=stats, best_eval=best_eval, **states[0], train_segments=pool.names,
-                **per_rank), path)
+            save(path, optimizer=optimizer.state_dict(), live_agent=agent.state_dict(), ema=ema.state_dict(),
+                 run_name=run_name, iteration=iteration, stats=stats, best_eval=best_eval, **states[0],
+                 train_segments=pool.names, **per_rank)
 
     try:
         for iteration in range(start_iteration, num_iterations + 1):
@@ -1142,8 +1032,7 @@ def train(args: Args, on_iteration: Callable[[dict], None] | None = None) -> Pat
 
             # Evaluation and checkpoints
             if lead and (crossed(global_step, batch_size, args.eval_every) or iteration == num_iterations):
-                row["eval_total_cost"] = evaluate_and_keep(policy, model, eval_segments, writer, global_step,
-                                                           best_eval, run_dir, args, probe_obs)
+                row["eval_total_cost"] = evaluate_and_keep()
                 best_eval = min(best_eval, row["eval_total_cost"])
                 bar.set_postfix(eval_cost=f"{row['eval_total_cost']:.2f}", sps=f"{row['sps']:.0f}")
             if lead:
@@ -1159,8 +1048,10 @@ def train(args: Args, on_iteration: Callable[[dict], None] | None = None) -> Pat
                     print(f"stopped by signal {signum}; resume with --resume "
                           f"{run_dir / 'checkpoints' / f'checkpoint_{global_step}.pt'}", file=sys.stderr)
                 raise SystemExit(128 + signum)
-        save_final_model(policy, args, global_step, stats, world, run_dir if lead else None, probe_obs,
-                         eval_segments.names)
+        fingerprints = replica_fingerprints(policy, world)
+        if lead:
+            save(run_dir / "final_model.pt", eval_total_cost=stats["eval_total_cost"][-1],
+                 replica_fingerprints=fingerprints, selection_segments=eval_segments.names)
     finally:
         bar.close()
         if writer:

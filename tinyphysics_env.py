@@ -2,7 +2,8 @@
 
 This module is the project's one home of simulator facts: constants, tokenizer, asset and
 segment loading, the batched simulator that reproduces the official `tinyphysics.py` scores
-to the last digit, official-interface controllers, costs, and the Gymnasium environments.
+to the last digit, official-interface controllers, costs, the Gymnasium environments and what a
+policy reads from their observations (the normalization, the pid_ff teacher, path curvatures).
 The behaviour follows SPEC.md of the project's assets; the order of floating-point operations
 is the official program's wherever it decides a sampled token or a cost.
 """
@@ -1310,6 +1311,77 @@ def observe(sim: TinyPhysicsSim, dtype=np.float32) -> np.ndarray:
     previous = errors[:, -2:-1]
     return np.concatenate(now + [past_actions, sim.current[:, t - OBS_HISTORY:t]] + future + [integral, previous],
                           axis=1).astype(dtype)
+
+
+# --- What a policy reads from an observation: the normalization, the teacher, the curvatures ------------
+def observation_normalizer() -> tuple[np.ndarray, np.ndarray]:
+    """Fixed (offset, scale) per observation entry, from the dataset's typical ranges: speeds are centred on
+    20 m/s over 10 m/s, steer is doubled, the error integral (tens over an episode) is divided by 10."""
+    offset, scale = np.zeros(OBS_DIM, np.float32), np.ones(OBS_DIM, np.float32)
+    for name, part in obs_slices().items():
+        if "v_ego" in name:
+            offset[part], scale[part] = 20.0, 0.1
+        elif name == "past_actions":
+            scale[part] = 2.0
+        elif name == "error_integral":
+            scale[part] = 0.1
+    return offset, scale
+
+
+def teacher_params() -> dict[str, float]:
+    """PIDFeedforwardController's gains, and where the observation holds what it reads, for `teacher_steer`."""
+    controller, where = PIDFeedforwardController(), obs_slices()
+    params = {f"teacher_{k}": v for k, v in controller.gains().items()} | {"teacher_lookahead": controller.lookahead}
+    for name in ("target_lataccel", "current_lataccel", "roll_lataccel", "future_lataccel", "error_integral",
+                 "prev_error"):
+        params[f"obs_{name}"] = where[name].start
+    return params
+
+
+def teacher_steer(params: dict, obs):
+    """PIDFeedforwardController's steer from a batch of observations [B, D] (numpy or torch), through
+    `pid_ff_steer`: on float64 observations it equals the controller's bit for bit. It uses nothing but its
+    arguments and `pid_ff_steer`, so an exported controller can carry it."""
+    def column(name):
+        return obs[:, int(params[f"obs_{name}"])]
+
+    future = int(params["obs_future_lataccel"])
+    planned = obs[:, future:future + int(params["teacher_lookahead"])].mean(axis=-1)
+    gains = {k: float(params[f"teacher_{k}"]) for k in ("p", "i", "d", "kf", "kr")}
+    return pid_ff_steer(column("target_lataccel") - column("current_lataccel"), column("error_integral"),
+                        column("prev_error"), planned, column("roll_lataccel"), gains)
+
+
+CURVATURE_SCALE = 100.0  # in 1 / (100 m): a 100 m radius reads 1
+CURVATURE_CLIP = 5.0  # near standstill max(v^2, 1) is small and the quotient meaningless: keep it bounded
+
+
+def curvature_params() -> dict[str, float]:
+    """Where the observation holds what `curvature_inputs` reads, and its units."""
+    where = obs_slices()
+    names = ("target_lataccel", "current_lataccel", "roll_lataccel", "v_ego", "future_lataccel",
+             "future_roll_lataccel", "future_v_ego")
+    return {f"obs_{name}": where[name].start for name in names} | {
+        "plan_rows": FUTURE_LEN, "curvature_scale": CURVATURE_SCALE, "curvature_clip": CURVATURE_CLIP}
+
+
+def curvature_inputs(params: dict, obs) -> list:
+    """The path curvature (lataccel - roll) / max(v^2, 1) of the current lateral acceleration [B, 1], of the
+    target [B, 1] and of each planned row [B, plan_rows], for observations [B, D] (numpy or torch; the caller
+    joins them with its own library). Lateral acceleration is speed squared times curvature, a product that
+    small MLPs would otherwise have to build."""
+    def rows(name, n=1):
+        start = int(params[f"obs_{name}"])
+        return obs[:, start:start + n]
+
+    def curvature(lataccel, roll, v):
+        bound = float(params["curvature_clip"])
+        return ((lataccel - roll) / (v * v).clip(1.0, None) * float(params["curvature_scale"])).clip(-bound, bound)
+
+    n = int(params["plan_rows"])
+    roll, v = rows("roll_lataccel"), rows("v_ego")
+    return [curvature(rows("current_lataccel"), roll, v), curvature(rows("target_lataccel"), roll, v),
+            curvature(rows("future_lataccel", n), rows("future_roll_lataccel", n), rows("future_v_ego", n))]
 
 
 def episode_info(costs: dict[str, np.ndarray], segments: Segments) -> dict[str, Any]:

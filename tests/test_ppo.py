@@ -376,9 +376,9 @@ def test_residual_policy_at_step_0_is_the_teacher(model, real_segments, curvatur
     sim.reset(real_segments)
     sim.warm_up()
     for _ in range(50):
-        sim.step(pl.teacher_steer(agent.teacher_params, te.observe(sim, np.float64)))
-    exact = pl.teacher_steer(agent.teacher_params, te.observe(sim, np.float64))
-    rounded = pl.teacher_steer(agent.teacher_params, te.observe(sim).astype(np.float64))
+        sim.step(te.teacher_steer(agent.teacher_params, te.observe(sim, np.float64)))
+    exact = te.teacher_steer(agent.teacher_params, te.observe(sim, np.float64))
+    rounded = te.teacher_steer(agent.teacher_params, te.observe(sim).astype(np.float64))
     assert 0 < np.abs(exact - rounded).max() < 1e-5
 
 
@@ -392,7 +392,7 @@ def test_curvature_inputs_are_lataccel_minus_roll_over_speed_squared(model, real
     t = sim.t
     agent = pl.Agent(te.OBS_DIM, 8, curvature_inputs=True)
     obs = te.observe(sim, np.float64)
-    extra = np.concatenate(pl.curvature_inputs(agent.curvature_params, obs), axis=1)
+    extra = np.concatenate(te.curvature_inputs(agent.curvature_params, obs), axis=1)
     assert extra.shape == (2, 2 + te.FUTURE_LEN)
     rows = np.arange(t + 1, t + te.FUTURE_PLAN_STEPS)
     for i in range(2):
@@ -408,7 +408,7 @@ def test_curvature_inputs_are_lataccel_minus_roll_over_speed_squared(model, real
     standing = obs[:1].copy()
     standing[0, te.obs_slices()["v_ego"]], standing[0, te.obs_slices()["target_lataccel"]] = 0.1, 0.5
     standing[0, te.obs_slices()["roll_lataccel"]] = 0.0
-    assert pl.curvature_inputs(agent.curvature_params, standing)[1][0, 0] == pl.CURVATURE_CLIP  # 50, held
+    assert te.curvature_inputs(agent.curvature_params, standing)[1][0, 0] == te.CURVATURE_CLIP  # 50, held
 
 
 def test_residual_training_starts_from_the_teacher(default_run, model, real_data):
