@@ -243,11 +243,12 @@ def training_segments(args: Args, rank: int, world: int,
     if rank == 0 and world > 1:
         torch.distributed.barrier()
     if checkpoint and checkpoint["train_segments"] != pool.names:  # a resumed run's environments index them
-        saved, missing = checkpoint["train_segments"], sorted(set(checkpoint["train_segments"]) - set(pool.names))
-        where = f"--synthetic-train {args.synthetic_train}" if args.synthetic_train else \
+        saved = checkpoint["train_segments"]
+        missing = sorted(set(saved) - set(pool.names))
+        source = f"--synthetic-train {args.synthetic_train}" if args.synthetic_train else \
             f"--data-path {te.resolve_data_path(args.data_path)}"
-        what = (f"{len(missing)} of its {len(saved)} training segments are missing from {where} (first: "
-                f"{missing[0]})" if missing else f"{where} holds other training segments ({len(pool)}, not "
+        what = (f"{len(missing)} of its {len(saved)} training segments are missing from {source} (first: "
+                f"{missing[0]})" if missing else f"{source} holds other training segments ({len(pool)}, not "
                 f"{len(saved)})")
         raise te.TinyPhysicsError(f"{args.resume}: {what}; a run resumes only on its own segments, so restore them "
                                   "or start a new run")
